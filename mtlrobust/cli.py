@@ -6,7 +6,7 @@ Docs: https://mtlrobust.github.io/mtlrobust/cli.html.md"""
 
 # %% ../nbs/20_cli.ipynb #6adf07d0
 from __future__ import annotations
-import sys, json, time, warnings, importlib
+import sys, json, time, warnings, importlib, contextlib
 from pathlib import Path
 import numpy as np, pandas as pd
 from fastcore.all import *
@@ -17,7 +17,7 @@ from .tasks import *
 
 # %% auto #0
 __all__ = ['COMMANDS', 'read_data', 'parse_tasks', 'new_run_folder', 'train_model', 'evaluate_table', 'mtlrobust_train',
-           'mtlrobust_evaluate', 'run_demo', 'plot_demo', 'mtlrobust_demo', 'main']
+           'read_rows', 'mtlrobust_evaluate', 'run_demo', 'plot_demo', 'mtlrobust_demo', 'main']
 
 # %% ../nbs/20_cli.ipynb #6d1a63be
 def read_data(
@@ -119,23 +119,12 @@ def train_model(
     return learn
 
 # %% ../nbs/20_cli.ipynb #f61f9cfa
-import contextlib
 def evaluate_table(
     learn, # trained multi-task learner
     table:pd.DataFrame, # rows to evaluate, with the columns of the learner's tasks
 )->dict:
     "Per-task metrics of `learn` on `table`'s rows (labels unknown to the model count as missing)"
-    table = table.copy()
-    for t in learn.tasks:
-        c = t.cols[0]
-        if t.kind == 'classification' and c in table:
-            unknown = ~table[c].isin(t.vocab) & table[c].notna()
-            if unknown.any(): warnings.warn(f"{unknown.sum()} rows have {c} values the model does not know ({sorted(table[c][unknown].unique())[:5]}); counted as unlabelled")
-            table[c] = table[c].where(~unknown, None)
-        for col in t.cols:
-            if col not in table: table[col] = np.nan if t.kind == 'regression' else None
-    dl = learn.dls.test_dl(table.reset_index(drop=True), with_labels=True, num_workers=0)
-    return learn.evaluate(dl)
+    return learn.evaluate(learn.labelled_dl(table))
 
 # %% ../nbs/20_cli.ipynb #3e1867b8
 def mtlrobust_train(
@@ -173,6 +162,27 @@ def mtlrobust_train(
     print(pd.Series(metrics, name='test').round(4).to_string()); print(f"saved to {folder}")
     return report
 
+# %% ../nbs/20_cli.ipynb #d059fa93
+def read_rows(
+    learn, # the saved model's learner (its tasks say whether concepts are needed)
+    data:str, # dataset folder, manifest CSV or 'synthetic'
+    domains:str=None, # comma-separated domains to keep (default: all)
+    split:str=None, # keep only rows of this split (manifest with a split column)
+    n_synthetic:int=600, # images drawn when DATA is 'synthetic'
+    seed:int=1, # seed of the synthetic images
+)->pd.DataFrame:
+    "The rows of `data` to test `learn` on, with concepts measured when the model predicts them"
+    table = read_data(data, domains, n_synthetic, seed)
+    if split:
+        if 'split' not in table: raise ValueError(f"--split {split!r}: {data!r} has no split column (give the split.csv of a train run)")
+        table = table[table.split == split]
+    if not len(table): raise ValueError(f"no rows in {data!r} with domains={domains!r}, split={split!r}")
+    if any(t.name == 'concepts' for t in learn.tasks):
+        from mtlrobust.concepts import add_concepts
+        warnings.warn("concepts are measured on this data and standardised on it (not with the training statistics)")
+        table = add_concepts(table, train=np.ones(len(table), bool))
+    return table.reset_index(drop=True)
+
 # %% ../nbs/20_cli.ipynb #cd6138d1
 def mtlrobust_evaluate(
     model:str, # exported learner (model.pkl of a train run)
@@ -186,12 +196,7 @@ def mtlrobust_evaluate(
     "Per-task metrics of a saved model on a dataset, printed as a table and written as JSON"
     from fastai.learner import load_learner
     learn = load_learner(model)
-    table = read_data(data, domains, n_synthetic, seed)
-    if split: table = table[table.split == split]
-    if any(t.name == 'concepts' for t in learn.tasks):
-        from mtlrobust.concepts import add_concepts
-        warnings.warn("concepts are measured on this data and standardised on it (not with the training statistics)")
-        table = add_concepts(table, train=np.ones(len(table), bool))
+    table = read_rows(learn, data, domains, split, n_synthetic, seed)
     metrics = evaluate_table(learn, table)
     dest = Path(out) if out else Path(model).parent/f"evaluate-{Path(str(data)).stem}{'-'+domains.replace('/', '_').replace(',', '+') if domains else ''}.json"
     if dest.exists(): raise FileExistsError(f"{dest} exists; choose another --out")

@@ -6,7 +6,7 @@ Docs: https://mtlrobust.github.io/mtlrobust/learner.html.md"""
 
 # %% ../nbs/08_learner.ipynb #f42e7c71
 from __future__ import annotations
-import math, collections, inspect
+import math, collections, inspect, warnings
 import numpy as np, pandas as pd
 from fastcore.all import *
 from fastai.vision.all import *
@@ -146,6 +146,25 @@ def evaluate(
     "Per-task metrics of the model on `dl`"
     preds, targs = self.get_preds(dl=dl)
     return compute_task_metrics(self.tasks, preds, tuplify(targs))
+
+# %% ../nbs/08_learner.ipynb #eaf3e838
+@patch
+def labelled_dl(
+    self:MTLLearner,
+    table:pd.DataFrame, # rows to predict, with some or all of the columns of the learner's tasks
+    **kwargs, # passed to `DataLoaders.test_dl` (e.g. `bs`)
+)->DataLoader:
+    "DataLoader of `table` with every task's targets: missing columns and classes the model does not know are unlabelled"
+    table = table.copy()
+    for t in self.tasks:
+        c = t.cols[0]
+        if t.kind == 'classification' and c in table:
+            unknown = ~table[c].isin(t.vocab) & table[c].notna()
+            if unknown.any(): warnings.warn(f"{unknown.sum()} rows have {c} values the model does not know ({sorted(table[c][unknown].unique())[:5]}); counted as unlabelled")
+            table[c] = table[c].where(~unknown, None)
+        for col in t.cols:
+            if col not in table: table[col] = np.nan if t.kind == 'regression' else None
+    return self.dls.test_dl(table.reset_index(drop=True), with_labels=True, **{'num_workers': 0, **kwargs})
 
 # %% ../nbs/08_learner.ipynb #b7cdb7f8
 @patch

@@ -377,20 +377,6 @@ def _task_sets_arg(s:str)->list:
     "[('label',), ('label', 'mask')] from 'label;label,mask'"
     return [tuple(t.strip() for t in ts.split(',') if t.strip()) for ts in str(s).split(';') if ts.strip()]
 
-# %% ../nbs/12_robustness.ipynb #0c4eeb01
-def _labelled_dl(learn, table:pd.DataFrame):
-    "Test DataLoader of `table` with the learner's targets (classes unknown to the model count as unlabelled)"
-    table = table.copy()
-    for t in learn.tasks:
-        c = t.cols[0]
-        if t.kind == 'classification' and c in table:
-            unknown = ~table[c].isin(t.vocab) & table[c].notna()
-            if unknown.any(): warnings.warn(f"{unknown.sum()} rows have {c} values the model does not know; counted as unlabelled")
-            table[c] = table[c].where(~unknown, None)
-        for col in t.cols:
-            if col not in table: table[col] = np.nan if t.kind == 'regression' else None
-    return learn.dls.test_dl(table.reset_index(drop=True), with_labels=True, num_workers=0)
-
 # %% ../nbs/12_robustness.ipynb #63fa638c
 def mtlrobust_attack(
     model:str, # exported learner (model.pkl of a train run)
@@ -408,16 +394,11 @@ def mtlrobust_attack(
 ):
     "Robustness report of a saved model under attack: report.csv and report.png in a new folder"
     from fastai.learner import load_learner
-    from mtlrobust.cli import read_data, new_run_folder
+    from mtlrobust.cli import read_rows, new_run_folder
     folder = new_run_folder(out, 'attack')
     learn = load_learner(model)
-    table = read_data(data, domains, n_synthetic, seed)
-    if split: table = table[table.split == split]
-    if not len(table): raise ValueError(f"no rows to attack in {data!r} (domains={domains!r}, split={split!r})")
-    if any(t.name == 'concepts' for t in learn.tasks):
-        from mtlrobust.concepts import add_concepts
-        table = add_concepts(table, train=np.ones(len(table), bool))
-    report = robustness_report(learn, _labelled_dl(learn, table), attacks=[a.strip() for a in attack.split(',')], eps=_floats(eps),
+    table = read_rows(learn, data, domains, split, n_synthetic, seed)
+    report = robustness_report(learn, learn.labelled_dl(table), attacks=[a.strip() for a in attack.split(',')], eps=_floats(eps),
                                tasks=_task_sets_arg(tasks), norms=[n.strip() for n in norm.split(',')], steps=steps, seed=seed)
     report.to_csv(folder/'report.csv', index=False)
     g = plot_robustness(report); g.savefig(folder/'report.png', dpi=100)
