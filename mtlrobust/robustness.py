@@ -391,15 +391,19 @@ def mtlrobust_attack(
     n_synthetic:int=600, # images drawn when DATA is 'synthetic'
     out:str=None, # output folder (must be new or empty)
     seed:int=1, # seed of the synthetic images (1: not the training ones) and of the attacks
+    bn:str='clean', # BatchNorm branch a MixBN model is attacked and evaluated through: clean or adv
 ):
     "Robustness report of a saved model under attack: report.csv and report.png in a new folder"
     from fastai.learner import load_learner
     from mtlrobust.cli import read_rows, new_run_folder
+    from mtlrobust.callbacks import BN_BRANCHES, bn_branch
+    if bn not in BN_BRANCHES: raise ValueError(f"--bn {bn!r}: expected one of {BN_BRANCHES}")
     folder = new_run_folder(out, 'attack')
     learn = load_learner(model)
     table = read_rows(learn, data, domains, split, n_synthetic, seed)
-    report = robustness_report(learn, learn.labelled_dl(table), attacks=[a.strip() for a in attack.split(',')], eps=_floats(eps),
-                               tasks=_task_sets_arg(tasks), norms=[n.strip() for n in norm.split(',')], steps=steps, seed=seed)
+    with bn_branch(learn.model, bn):
+        report = robustness_report(learn, learn.labelled_dl(table), attacks=[a.strip() for a in attack.split(',')], eps=_floats(eps),
+                                   tasks=_task_sets_arg(tasks), norms=[n.strip() for n in norm.split(',')], steps=steps, seed=seed)
     report.to_csv(folder/'report.csv', index=False)
     g = plot_robustness(report); g.savefig(folder/'report.png', dpi=100)
     import matplotlib.pyplot as plt; plt.close(g.figure)
