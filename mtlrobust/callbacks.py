@@ -17,9 +17,9 @@ from fastai.callback.fp16 import MixedPrecision
 from .attacks import MultiTaskPGD, SpatialAttack, HybridAttack
 
 # %% auto #0
-__all__ = ['BN_BRANCHES', 'RowRoute', 'row_route', 'DualBatchNorm', 'convert_to_mixbn', 'dual_bns', 'mark_adv_rows', 'bn_branch',
-           'param_grads_kept', 'n_adversarial', 'adversarial_batch', 'AdversarialTraining', 'renew_opt', 'MixBN',
-           'hpat']
+__all__ = ['BN_BRANCHES', 'RowRoute', 'row_route', 'DualBatchNorm', 'convert_to_mixbn', 'dual_bns', 'mark_adv_rows',
+           'check_bn_branch', 'bn_branch', 'param_grads_kept', 'n_adversarial', 'adversarial_batch',
+           'AdversarialTraining', 'renew_opt', 'MixBN', 'hpat']
 
 # %% ../nbs/11_callbacks.ipynb #7038e4f3
 BN_BRANCHES = ('clean', 'adv')
@@ -86,13 +86,21 @@ def mark_adv_rows(
     route = None if adv_rows is None else row_route(adv_rows)
     for d in dual_bns(model): d.route = route
 
+def check_bn_branch(
+    branch:str, # the BatchNorm branch asked for
+    what:str='branch=', # how the caller's argument is named in the error, e.g. '--bn '
+)->str:
+    "`branch` if it is one of `BN_BRANCHES`, else a ValueError saying what was asked"
+    if branch not in BN_BRANCHES: raise ValueError(f"{what}{branch!r}: expected one of {BN_BRANCHES}")
+    return branch
+
 @contextmanager
 def bn_branch(
     model:nn.Module, # a model with `DualBatchNorm`s (a model without any is left as it is)
     branch:str='adv', # 'clean' or 'adv': the branch that unrouted batches go through
 ):
     "Evaluate (or attack) `model` through the `branch` BatchNorms inside the block"
-    if branch not in BN_BRANCHES: raise ValueError(f"branch={branch!r}: expected one of {BN_BRANCHES}")
+    check_bn_branch(branch)
     ds = dual_bns(model)
     old = ds.attrgot('branch')
     for d in ds: d.branch = branch

@@ -396,8 +396,8 @@ def mtlrobust_attack(
     "Robustness report of a saved model under attack: report.csv and report.png in a new folder"
     from fastai.learner import load_learner
     from mtlrobust.cli import read_rows, new_run_folder
-    from mtlrobust.callbacks import BN_BRANCHES, bn_branch
-    if bn not in BN_BRANCHES: raise ValueError(f"--bn {bn!r}: expected one of {BN_BRANCHES}")
+    from mtlrobust.callbacks import check_bn_branch, bn_branch
+    check_bn_branch(bn, '--bn ')  # before the output folder is made
     folder = new_run_folder(out, 'attack')
     learn = load_learner(model)
     table = read_rows(learn, data, domains, split, n_synthetic, seed)
