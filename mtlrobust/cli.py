@@ -1,4 +1,4 @@
-"""Train, evaluate and demo from the shell: `mtlrobust train`, `mtlrobust evaluate`, `mtlrobust demo`
+"""Train, evaluate, attack and demo from the shell: `mtlrobust train`, `evaluate`, `attack`, `demo`
 
 Docs: https://mtlrobust.github.io/mtlrobust/cli.html.md"""
 
@@ -6,125 +6,23 @@ Docs: https://mtlrobust.github.io/mtlrobust/cli.html.md"""
 
 # %% ../nbs/20_cli.ipynb #6adf07d0
 from __future__ import annotations
-import sys, json, time, warnings, importlib, contextlib
+import sys, json, time, warnings
+# fastai's import calls `torch.jit.script`, which recent torch deprecates with a FutureWarning on every command
+warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
 from pathlib import Path
+from fractions import Fraction
 import numpy as np, pandas as pd
+import matplotlib.pyplot as plt
 from fastcore.all import *
 from fastcore.script import anno_parser
-from .core import *
-from .data import *
-from .tasks import *
+from fastai.learner import load_learner
+from .data import save_manifest
+from .callback.adversarial import check_bn_branch, bn_branch
+from .robustness import robustness_report, plot_robustness
+from .workflow import *
 
 # %% auto #0
-__all__ = ['COMMANDS', 'read_data', 'parse_tasks', 'new_run_folder', 'train_model', 'evaluate_table', 'mtlrobust_train',
-           'read_rows', 'mtlrobust_evaluate', 'run_demo', 'plot_demo', 'mtlrobust_demo', 'main']
-
-# %% ../nbs/20_cli.ipynb #6d1a63be
-def read_data(
-    data:str, # dataset folder, manifest CSV, or 'synthetic'
-    domains:str=None, # comma-separated domains to keep (full name or last part), None for all
-    n_synthetic:int=600, # images drawn when data is 'synthetic'
-    seed:int=0, # seed of the synthetic images
-    size:int=96, # side of the synthetic images
-)->pd.DataFrame:
-    "Sample table of `data` in whatever layout it comes, restricted to `domains`"
-    if str(data) == 'synthetic':
-        from mtlrobust.synth import synth_wbc
-        table = synth_wbc(n_synthetic, size=size, domain='A', seed=seed)
-    else:
-        p = Path(data).expanduser()
-        if p.suffix.lower() == '.csv': table = load_manifest(p)
-        elif not p.is_dir(): raise FileNotFoundError(f"DATA {data!r} is neither a folder, a manifest CSV, nor 'synthetic'")
-        elif list(p.glob('Class Labels of *.csv')): table = load_segmentation_wbc(p)
-        else: table = load_pbc(p)
-    return table if domains is None else _keep_domains(table, domains)
-
-# %% ../nbs/20_cli.ipynb #bb8541d1
-def _keep_domains(table, domains:str):
-    "Rows of `table` whose domain is, or ends with '/' + , one of the comma-separated `domains`"
-    want = [d.strip() for d in domains.split(',')]
-    keep = table.domain.map(lambda d: any(d == w or str(d).endswith('/'+w) for w in want))
-    if not keep.any(): raise ValueError(f"no rows in domains {want}; the data has {sorted(table.domain.unique())}")
-    return table[keep].reset_index(drop=True)
-
-# %% ../nbs/20_cli.ipynb #3da948a9
-def parse_tasks(
-    table:pd.DataFrame, # sample table (concepts are added to it when asked for)
-    tasks:str, # comma-separated: label, mask, concepts, random or any column name
-    adversarial:str=None, # comma-separated columns to predict through gradient reversal
-    seed:int=0, # seed of the random target
-)->tuple:
-    "(table, list of tasks) for the names given on the command line"
-    names = [t.strip() for t in tasks.split(',') if t.strip()] + [a.strip() for a in (adversarial or '').split(',') if a.strip()]
-    res, adv = [], set((adversarial or '').split(','))
-    for n in names:
-        if n == 'label': res.append(classification_task())
-        elif n == 'mask': res.append(segmentation_task())
-        elif n == 'concepts':
-            from mtlrobust.concepts import add_concepts, CONCEPTS
-            if not set(CONCEPTS) <= set(table.columns): table = add_concepts(table, train='split')
-            res.append(concept_task(CONCEPTS))
-        elif n == 'random': table = add_random_target(table, seed=seed); res.append(random_task())
-        elif n in adv: res.append(adversarial_task(n, continuous=pd.api.types.is_numeric_dtype(table[n])))
-        elif n in table.columns: res.append(as_task(task_spec(table, n)))
-        else: raise ValueError(f"--tasks: unknown task {n!r}; use label, mask, concepts, random or a column of the data {list(table.columns)}")
-    return table, res
-
-# %% ../nbs/20_cli.ipynb #bd8c9514
-def new_run_folder(
-    out:str=None, # requested folder, or None for runs/<command>-<timestamp>
-    command:str='train', # used in the default name
-)->Path:
-    "Create and return an empty output folder; refuse one that already holds files"
-    p = Path(out) if out else Path('runs')/f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if p.exists() and any(p.iterdir()): raise FileExistsError(f"output folder {p} already holds files; choose another --out")
-    p.mkdir(parents=True, exist_ok=True)
-    return p
-
-# %% ../nbs/20_cli.ipynb #39d21a93
-def _split_for_training(table, valid_pct, test_pct, seed):
-    "Table with a `split` column; without a validation share the test rows monitor training (no model selection)"
-    table = table.copy()
-    if 'split' not in table or table.split.isna().any():
-        table['split'] = split_stratified(table, valid_pct=valid_pct, test_pct=test_pct, seed=seed)
-    return table
-
-def _fit_split(table):
-    "`split` column for fitting: test rows serve as the monitored valid set when there is no valid row"
-    return table.split.where(table.split != 'test', 'valid') if not (table.split == 'valid').any() else table.split
-
-# %% ../nbs/20_cli.ipynb #91fdb008
-def train_model(
-    table:pd.DataFrame, # sample table with a `split` column
-    tasks:list, # `Task`s
-    arch:str='resnet18', # timm architecture
-    size:int=128, # image side
-    bs:int=32, # batch size
-    epochs:int=30, # epochs of one-cycle training
-    lr:float=2e-3, # maximum learning rate
-    weighting:str='vanilla', # task weighting strategy
-    seed:int=0, # seed of initialisation and batch order
-    pretrained:bool=False, # start from timm's pretrained weights
-    progress:bool=True, # show fastai's progress bar
-    **kwargs, # passed to `mtl_learner`
-):
-    "A multi-task learner trained with one-cycle on the table's train rows"
-    from mtlrobust.learner import mtl_learner
-    from fastai.vision.all import set_seed
-    set_seed(seed, reproducible=True)
-    dls = mtl_dataloaders(table, tasks=tasks, size=size, bs=bs, split=_fit_split(table), seed=seed)
-    learn = mtl_learner(dls, arch=arch, weighting=weighting, pretrained=pretrained, **kwargs)
-    if not progress: learn.remove_cb(learn.progress) if hasattr(learn, 'progress') else None
-    with learn.no_logging() if not progress else contextlib.nullcontext(): learn.fit_one_cycle(epochs, lr)
-    return learn
-
-# %% ../nbs/20_cli.ipynb #f61f9cfa
-def evaluate_table(
-    learn, # trained multi-task learner
-    table:pd.DataFrame, # rows to evaluate, with the columns of the learner's tasks
-)->dict:
-    "Per-task metrics of `learn` on `table`'s rows (labels unknown to the model count as missing)"
-    return learn.evaluate(learn.labelled_dl(table))
+__all__ = ['COMMANDS', 'mtlrobust_train', 'mtlrobust_evaluate', 'mtlrobust_attack', 'mtlrobust_demo', 'main']
 
 # %% ../nbs/20_cli.ipynb #3e1867b8
 def mtlrobust_train(
@@ -147,7 +45,7 @@ def mtlrobust_train(
 ):
     "Train a multi-task model; save the exported learner, the split and metrics.json in a new folder"
     folder = new_run_folder(out, 'train')
-    table = _split_for_training(read_data(data, domains, n_synthetic, seed), valid_pct, test_pct, seed)
+    table = split_for_training(read_data(data, domains, n_synthetic, seed), valid_pct, test_pct, seed)
     table, task_list = parse_tasks(table, tasks, adversarial, seed)
     start = time.time()
     learn = train_model(table, task_list, arch, size, bs, epochs, lr, weighting, seed, pretrained)
@@ -162,27 +60,6 @@ def mtlrobust_train(
     print(pd.Series(metrics, name='test').round(4).to_string()); print(f"saved to {folder}")
     return report
 
-# %% ../nbs/20_cli.ipynb #d059fa93
-def read_rows(
-    learn, # the saved model's learner (its tasks say whether concepts are needed)
-    data:str, # dataset folder, manifest CSV or 'synthetic'
-    domains:str=None, # comma-separated domains to keep (default: all)
-    split:str=None, # keep only rows of this split (manifest with a split column)
-    n_synthetic:int=600, # images drawn when DATA is 'synthetic'
-    seed:int=1, # seed of the synthetic images
-)->pd.DataFrame:
-    "The rows of `data` to test `learn` on, with concepts measured when the model predicts them"
-    table = read_data(data, domains, n_synthetic, seed)
-    if split:
-        if 'split' not in table: raise ValueError(f"--split {split!r}: {data!r} has no split column (give the split.csv of a train run)")
-        table = table[table.split == split]
-    if not len(table): raise ValueError(f"no rows in {data!r} with domains={domains!r}, split={split!r}")
-    if any(t.name == 'concepts' for t in learn.tasks):
-        from mtlrobust.concepts import add_concepts
-        warnings.warn("concepts are measured on this data and standardised on it (not with the training statistics)")
-        table = add_concepts(table, train=np.ones(len(table), bool))
-    return table.reset_index(drop=True)
-
 # %% ../nbs/20_cli.ipynb #cd6138d1
 def mtlrobust_evaluate(
     model:str, # exported learner (model.pkl of a train run)
@@ -194,7 +71,6 @@ def mtlrobust_evaluate(
     n_synthetic:int=600, # images drawn when DATA is 'synthetic'
 ):
     "Per-task metrics of a saved model on a dataset, printed as a table and written as JSON"
-    from fastai.learner import load_learner
     learn = load_learner(model)
     table = read_rows(learn, data, domains, split, n_synthetic, seed)
     metrics = evaluate_table(learn, table)
@@ -204,42 +80,46 @@ def mtlrobust_evaluate(
     print(pd.Series(metrics, name=str(data)).round(4).to_string()); print(f"written to {dest}")
     return metrics
 
-# %% ../nbs/20_cli.ipynb #abbd7e60
-def run_demo(
-    n_train:int=320, # training images of domain A
-    n_test:int=150, # test images per domain
-    size:int=64, # image side
-    epochs:int=6, # epochs per model
-    arch:str='resnet18', # shared timm backbone
-    seed:int=0, # seed
-    progress:bool=True, # fastai progress bars
-)->pd.DataFrame:
-    "In- and out-of-domain accuracy and Dice of classifier, U-Net and multi-task model on synthetic cells"
-    from mtlrobust.synth import synth_wbc
-    train = synth_wbc(n_train, size=size, domain='A', seed=seed).assign(split='train')
-    tests = {'in-domain (A)': synth_wbc(n_test, size=size, domain='A', seed=seed+1000),
-             'out-of-domain (B)': synth_wbc(n_test, size=size, domain='B', seed=seed+2000)}
-    table = pd.concat([train, tests['in-domain (A)'].assign(split='valid')], ignore_index=True)
-    rows = []
-    for model, tasks in (('classifier', [classification_task()]), ('U-Net', [segmentation_task()]),
-                         ('multi-task', [classification_task(), segmentation_task()])):
-        learn = train_model(table, tasks, arch, size, 32, epochs, 2e-3, seed=seed, progress=progress)
-        for where, t in tests.items():
-            m = evaluate_table(learn, t)
-            rows.append(dict(model=model, test=where, accuracy=m.get('label_acc', np.nan),
-                             dice=np.nanmean([m[k] for k in ('mask_dice_cytoplasm', 'mask_dice_nucleus')]) if 'mask_dice_nucleus' in m else np.nan))
-    return pd.DataFrame(rows).pivot(index='model', columns='test', values=['accuracy', 'dice']).loc[['classifier', 'U-Net', 'multi-task']]
+# %% ../nbs/20_cli.ipynb #8a51f106
+def _floats(s:str)->list:
+    "[0.0039..., 0.0313...] from '1/255, 8/255'"
+    try: return [float(Fraction(v.strip())) for v in str(s).split(',') if v.strip()]
+    except (ValueError, ZeroDivisionError): raise ValueError(f"--eps: expected comma-separated numbers or fractions like '1/255,8/255', got {s!r}") from None
 
-# %% ../nbs/20_cli.ipynb #54359cba
-def plot_demo(res:pd.DataFrame, fname):
-    "Bar charts of the demo's accuracy and Dice, in and out of domain"
-    import matplotlib.pyplot as plt
-    fig, axs = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, metric in zip(axs, ('accuracy', 'dice')):
-        res[metric].dropna(how='all').plot.bar(ax=ax, rot=0, ylim=(0, 1), title=metric)
-        ax.legend(fontsize=8, loc='lower right')
-    fig.tight_layout(); fig.savefig(fname, dpi=100)
-    return fname
+def _task_sets_arg(s:str)->list:
+    "[('label',), ('label', 'mask')] from 'label;label,mask'"
+    return [tuple(t.strip() for t in ts.split(',') if t.strip()) for ts in str(s).split(';') if ts.strip()]
+
+# %% ../nbs/20_cli.ipynb #63fa638c
+def mtlrobust_attack(
+    model:str, # exported learner (model.pkl of a train run)
+    data:str, # dataset folder, manifest CSV or 'synthetic'
+    attack:str='pgd', # comma-separated attacks: pgd, fgsm, wgd
+    eps:str='1/255,2/255,4/255,8/255', # comma-separated budgets, fractions allowed
+    tasks:str='label;mask;label,mask', # attacked task sets: ';' between sets, ',' within one
+    norm:str='Linf', # comma-separated norms: Linf, L2
+    steps:int=10, # attack iterations
+    domains:str=None, # comma-separated domains to attack (default: all)
+    split:str=None, # attack only rows of this split (manifest with a split column)
+    n_synthetic:int=600, # images drawn when DATA is 'synthetic'
+    out:str=None, # output folder (must be new or empty)
+    seed:int=1, # seed of the synthetic images (1: not the training ones) and of the attacks
+    bn:str='clean', # BatchNorm branch a MixBN model is attacked and evaluated through: clean or adv
+):
+    "Robustness report of a saved model under attack: report.csv and report.png in a new folder"
+    check_bn_branch(bn, '--bn ')  # before the output folder is made
+    folder = new_run_folder(out, 'attack')
+    learn = load_learner(model)
+    table = read_rows(learn, data, domains, split, n_synthetic, seed)
+    with bn_branch(learn.model, bn):
+        report = robustness_report(learn, learn.labelled_dl(table), attacks=[a.strip() for a in attack.split(',')], eps=_floats(eps),
+                                   tasks=_task_sets_arg(tasks), norms=[n.strip() for n in norm.split(',')], steps=steps, seed=seed)
+    report.to_csv(folder/'report.csv', index=False)
+    g = plot_robustness(report); g.savefig(folder/'report.png', dpi=100)
+    plt.close(g.figure)
+    summary = report[report.metric.isin(['acc', 'dice_nucleus', 'roi'])].pivot_table(index=['attack', 'norm', 'attacked', 'task', 'metric'], columns='eps', values='value')
+    print(summary.round(3).to_string()); print(f"saved to {folder}")
+    return report
 
 # %% ../nbs/20_cli.ipynb #ab2cda7d
 def mtlrobust_demo(
@@ -256,16 +136,7 @@ def mtlrobust_demo(
     return res
 
 # %% ../nbs/20_cli.ipynb #8b92922c
-COMMANDS = dict(train=mtlrobust_train, evaluate=mtlrobust_evaluate, demo=mtlrobust_demo,
-                attack='mtlrobust.robustness.mtlrobust_attack')  # imported when used: robustness builds on this module
-
-def _command(name):
-    "The function of subcommand `name`, importing it if it lives in a later module"
-    f = COMMANDS[name]
-    if isinstance(f, str):
-        mod, fn = f.rsplit('.', 1)
-        f = getattr(importlib.import_module(mod), fn)
-    return f
+COMMANDS = dict(train=mtlrobust_train, evaluate=mtlrobust_evaluate, attack=mtlrobust_attack, demo=mtlrobust_demo)
 
 def main(
     argv:list=None, # command-line words after `mtlrobust` (default: `sys.argv[1:]`)
@@ -274,9 +145,9 @@ def main(
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] not in COMMANDS:
         print("usage: mtlrobust {" + ','.join(COMMANDS) + "} [-h] ...\n")
-        for k in COMMANDS: print(f"  {k:9}{_command(k).__doc__}")
+        for k, f in COMMANDS.items(): print(f"  {k:9}{f.__doc__}")
         raise SystemExit(0 if argv[:1] in (['-h'], ['--help']) else 2)
-    cmd = _command(argv[0])
+    cmd = COMMANDS[argv[0]]
     args = vars(anno_parser(cmd, prog=f"mtlrobust {argv[0]}").parse_args(argv[1:]))
     for k in ('pdb', 'xtra'): args.pop(k, None)  # fastcore's hidden debugging options
     cmd(**args)  # returns nothing: the console script's exit status must stay 0

@@ -6,7 +6,6 @@ import fastcore.test as fct
 from mtlrobust.core import MASK_IGNORE, WBC_CLASSES
 from mtlrobust.tasks import classification_task, segmentation_task, concept_task, adversarial_task
 from mtlrobust.models import MultiTaskModel
-from mtlrobust.losses import task_loss
 from mtlrobust.data import dominant_channel_agreement
 from mtlrobust.attacks import (attack_mode, task_outputs, TaskView, attacked_tasks, torchattack, random_init, ascent_step,
                                perturbation_norm, MultiTaskPGD, WGD, spatial_transform, expected_improvement,
@@ -45,7 +44,7 @@ def trained():
     "A multi-task model briefly trained on its own random batches (so that gradients are informative), in eval mode"
     torch.manual_seed(0)
     model = MultiTaskModel('resnet18', _tasks(), emb_sizes=(32,), decoder_channels=(16, 16, 8, 8))
-    from mtlrobust.losses import MultiTaskLoss
+    from mtlrobust.weighting import MultiTaskLoss
     loss_func, opt = MultiTaskLoss(model.tasks), torch.optim.Adam(model.parameters(), 3e-3)
     batches = [_batch(16, seed=s) for s in range(3)]
     model.train()
@@ -63,7 +62,7 @@ def trained():
 def _losses(model, x, y):
     "Task name -> indicator-masked loss of the model on (x, y)"
     with torch.no_grad(): out = model(x)
-    return {t.name: task_loss(t, out[t.name], yt).item() for t, yt in zip(model.tasks, y)}
+    return {t.name: t.loss(out[t.name], yt).item() for t, yt in zip(model.tasks, y)}
 
 
 PIXEL_ATTACKS = [
@@ -134,8 +133,8 @@ def test_spatial_attack_never_lowers_the_loss(trained, search):
     xs, ys = atk(trained, x, *y)
     lab = y[0] >= 0
     with torch.no_grad():
-        clean = task_loss(trained.tasks[0], trained(x)['label'], y[0], reduction='none')
-        adv = task_loss(trained.tasks[0], trained(xs)['label'], ys[0], reduction='none')
+        clean = trained.tasks[0].loss(trained(x)['label'], y[0], reduction='none')
+        adv = trained.tasks[0].loss(trained(xs)['label'], ys[0], reduction='none')
     assert (adv[lab] >= clean[lab] - 1e-5).all() and adv[lab].mean() > clean[lab].mean()
     fct.test_close(adv[lab], torch.from_numpy(atk.last_values.max(1)).float(), eps=1e-4)
 

@@ -5,12 +5,12 @@ import fastcore.test as fct
 from fastai.vision.all import Callback, load_learner, set_seed, Adam
 from mtlrobust.synth import synth_wbc
 from mtlrobust.data import mtl_dataloaders
-from mtlrobust.losses import MultiTaskLoss
+from mtlrobust.weighting import MultiTaskLoss
 from mtlrobust.models import MultiTaskModel
 from mtlrobust.tasks import classification_task, segmentation_task
 from mtlrobust.learner import mtl_learner
 from mtlrobust.attacks import MultiTaskPGD, SpatialAttack, HybridAttack, spatial_transform
-from mtlrobust.callbacks import *
+from mtlrobust.callback.adversarial import *
 
 def FGSM(eps=8/255):
     "FGSM on the summed task losses: one PGD step from the clean image"

@@ -5,6 +5,7 @@ from PIL import Image
 import fastcore.test as fct
 from mtlrobust.core import WBC_CLASSES, read_mask, MASK_IGNORE
 from mtlrobust.data import *
+from mtlrobust.tasks import task_spec
 
 SEGWBC_COUNTS = {'Dataset 1': dict(neutrophil=176, lymphocyte=53, monocyte=48, eosinophil=22, basophil=1),
                  'Dataset 2': dict(neutrophil=33, lymphocyte=37, monocyte=15, eosinophil=12, basophil=3)}

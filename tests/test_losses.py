@@ -4,9 +4,10 @@ import torch.nn as nn, torch.nn.functional as F
 import fastcore.test as fct
 from fastai.basics import DataLoader, DataLoaders, Learner
 from mtlrobust.core import MASK_IGNORE, WBC_CLASSES
-from mtlrobust.tasks import Task, classification_task, segmentation_task, concept_task
-from mtlrobust.losses import (masked_mean, classification_loss, segmentation_loss, regression_loss, task_loss, has_label,
-                              MultiTaskLoss, UncertaintyWeighting, GradNorm, GradNormWeighting, last_shared_param)
+from mtlrobust.tasks import RegressionTask, classification_task, segmentation_task, concept_task
+from mtlrobust.losses import masked_mean, classification_loss, segmentation_loss, regression_loss
+from mtlrobust.weighting import MultiTaskLoss, UncertaintyWeighting, GradNormWeighting
+from mtlrobust.callback.training import GradNorm, last_shared_param
 
 NAN = float('nan')
 TASKS = [classification_task(vocab=WBC_CLASSES), segmentation_task(), concept_task(['area', 'lobes'])]
@@ -46,7 +47,7 @@ def test_classification_masking_equals_labelled_subset(class_weights):
 @pytest.mark.parametrize('dice_weight', [0., 1., 2.5])
 def test_segmentation_masking_equals_labelled_subset(dice_weight):
     preds, (_, msk, _) = _batch()
-    keep = has_label(TASKS[1], msk)
+    keep = TASKS[1].has_label(msk)
     fct.test_eq(keep.tolist(), [False, True, True, False, True, False])
     fct.test_close(segmentation_loss(preds['mask'], msk, dice_weight), segmentation_loss(preds['mask'][keep], msk[keep], dice_weight))
 
@@ -58,7 +59,7 @@ def test_segmentation_cross_entropy_part_is_torch_ignore_index():
 
 def test_segmentation_dice_of_perfect_prediction_is_one():
     _, (_, msk, _) = _batch()
-    keep = has_label(TASKS[1], msk)
+    keep = TASKS[1].has_label(msk)
     perfect = F.one_hot(msk[keep].clamp(max=2), 3).movedim(-1, 1).float() * 100
     fct.test_close(segmentation_loss(perfect, msk[keep], dice_weight=1.), 0., eps=1e-3)
 
@@ -67,13 +68,13 @@ def test_regression_masking_equals_measured_entries():
     preds, (_, _, con) = _batch()
     ok = ~con.isnan()
     fct.test_close(regression_loss(preds['concepts'], con), F.mse_loss(preds['concepts'][ok], con[ok]))
-    rows = has_label(TASKS[2], con)
+    rows = TASKS[2].has_label(con)
     fct.test_close(regression_loss(preds['concepts'], con), regression_loss(preds['concepts'][rows], con[rows]))
 
 
 def test_multitask_loss_equals_sum_of_subset_losses():
     preds, (lab, msk, con) = _batch()
-    ok_l, ok_m, ok_c = lab >= 0, has_label(TASKS[1], msk), has_label(TASKS[2], con)
+    ok_l, ok_m, ok_c = lab >= 0, TASKS[1].has_label(msk), TASKS[2].has_label(con)
     expected = (F.cross_entropy(preds['label'][ok_l], lab[ok_l]) + segmentation_loss(preds['mask'][ok_m], msk[ok_m])
                 + regression_loss(preds['concepts'][ok_c], con[ok_c]))
     fct.test_close(MultiTaskLoss(TASKS)(preds, lab, msk, con), expected)
@@ -85,7 +86,7 @@ def test_multitask_loss_equals_sum_of_subset_losses():
 def test_all_missing_task_loss_is_exactly_zero_with_zero_gradient(i):
     preds, targets = _batch()
     t, p = TASKS[i], preds[TASKS[i].name]
-    loss = task_loss(t, p, _missing(targets)[i])
+    loss = t.loss(p, _missing(targets)[i])
     assert loss.item() == 0. and loss.requires_grad
     loss.backward()
     assert torch.isfinite(p.grad).all() and (p.grad == 0).all()
@@ -209,7 +210,7 @@ def _toy_learner(yb_fn, shared=None, n=512, bs=32, shuffle=True):
     ds = list(zip(x, y, yb_fn(y)))
     dls = DataLoaders(DataLoader(ds, bs=bs, shuffle=shuffle), DataLoader(ds[:64], bs=bs))
     dls.train.n_inp = dls.valid.n_inp = 1
-    tasks = [Task('a', 'regression', ['a']), Task('b', 'regression', ['b'])]
+    tasks = [RegressionTask('a', ['a']), RegressionTask('b', ['b'])]
     return Learner(dls, TwoHeads(), loss_func=MultiTaskLoss(tasks, 'gradnorm'), cbs=GradNorm(shared=shared), lr=1e-2)
 
 

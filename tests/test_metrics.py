@@ -8,6 +8,7 @@ import fastcore.test as fct
 from mtlrobust.core import MASK_IGNORE
 from mtlrobust.tasks import classification_task, segmentation_task, concept_task, adversarial_task
 from mtlrobust.metrics import *
+from mtlrobust.tasks import task_metrics, compute_task_metrics
 
 nan = float('nan')
 

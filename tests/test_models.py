@@ -3,7 +3,7 @@ import copy
 import pytest, torch, timm
 import fastcore.test as fct
 from mtlrobust.core import WBC_CLASSES
-from mtlrobust.tasks import classification_task, segmentation_task, concept_task, adversarial_task, Task
+from mtlrobust.tasks import classification_task, segmentation_task, concept_task, adversarial_task, RegressionTask, SegmentationTask
 from mtlrobust.models import (GradientReversal, PixelNormalize, Normalize, MultiTaskModel, UNetDecoder, mtl_splitter,
                               classifier_model, unet_model)
 
@@ -94,7 +94,7 @@ def test_adversarial_head_sends_the_opposite_gradient_to_the_shared_features(lam
 
 
 def test_reversals_lists_one_layer_per_adversarial_task_and_setting_lambda_takes_effect():
-    tasks = _tasks(0.5) + [Task('stain', 'regression', ['stain'], adversarial=True, lambda_=2.)]
+    tasks = _tasks(0.5) + [RegressionTask('stain', ['stain'], adversarial=True, lambda_=2.)]
     m = MultiTaskModel('resnet18', tasks, **SMALL).eval()
     fct.test_eq(m.reversals.attrgot('lambda_'), [0.5, 2.])
     for g in m.reversals: g.lambda_ = 0.
@@ -191,6 +191,6 @@ def test_invalid_tasks_are_refused_with_the_task_named():
     with pytest.raises(ValueError, match=r"\['mask'\]"): MultiTaskModel('resnet18', [segmentation_task()]*2)
     with pytest.raises(ValueError, match='at least one'): MultiTaskModel('resnet18', [])
     with pytest.raises(ValueError, match='cannot be adversarial'):
-        MultiTaskModel('resnet18', [Task('mask', 'segmentation', ['mask'], ['a', 'b', 'c'], adversarial=True)])
-    with pytest.raises(ValueError, match="'keys'"): MultiTaskModel('resnet18', [Task('keys', 'regression', ['k'])])
-    with pytest.raises(ValueError, match='unknown kind'): MultiTaskModel('resnet18', [Task('x', 'ranking', ['x'])])
+        MultiTaskModel('resnet18', [SegmentationTask('mask', ['mask'], ['a', 'b', 'c'], adversarial=True)])
+    with pytest.raises(ValueError, match="'keys'"): MultiTaskModel('resnet18', [RegressionTask('keys', ['k'])])
+    with pytest.raises(TypeError, match='must be `Task`s'): MultiTaskModel('resnet18', ['x'])

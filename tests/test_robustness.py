@@ -8,9 +8,9 @@ from mtlrobust.synth import synth_wbc
 from mtlrobust.data import mtl_dataloaders
 from mtlrobust.learner import mtl_learner
 from mtlrobust.tasks import classification_task, segmentation_task, concept_task
-from mtlrobust.losses import task_loss
 from mtlrobust.attacks import MultiTaskPGD
 from mtlrobust.robustness import *
+from mtlrobust.cli import mtlrobust_attack
 
 class _FGSM:
     "A protocol attack written here: one signed-gradient step on the summed losses of `tasks`"
@@ -18,7 +18,7 @@ class _FGSM:
     def __call__(self, model, x, *y):
         x = x.detach().clone().requires_grad_()
         out = model(x)
-        loss = sum(task_loss(t, out[t.name], yt) for t, yt in zip(model.tasks, y) if t.name in self.tasks)
+        loss = sum(t.loss(out[t.name], yt) for t, yt in zip(model.tasks, y) if t.name in self.tasks)
         g, = torch.autograd.grad(loss, x)
         return (x + self.eps*g.sign()).clamp(0, 1).detach(), y
 
@@ -154,7 +154,7 @@ def test_cli_writes_report_and_refuses_existing_folder(learn, tmp_path):
 def test_cli_attacks_a_mixbn_model_through_the_chosen_branch(learn, tmp_path):
     "--bn clean evaluates a MixBN model as it is deployed (the clean statistics); --bn adv through its adversarial ones"
     from fastai.learner import load_learner
-    from mtlrobust.callbacks import convert_to_mixbn, dual_bns
+    from mtlrobust.callback.adversarial import convert_to_mixbn, dual_bns
     learn.export(tmp_path/'plain.pkl')
     mixed = load_learner(tmp_path/'plain.pkl')
     convert_to_mixbn(mixed.model)
