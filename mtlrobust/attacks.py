@@ -264,24 +264,11 @@ def perturb(self:MultiTaskPGD, model, x, *y):
 
 # %% ../nbs/11_attacks.ipynb #74976dee
 class WGD(MultiTaskPGD):
-    "Ghamizi et al.'s weighted gradient descent: each task's gradient weighted by its relative inverse attack rate"
-    def __init__(self,
-        tasks=None, # task names to attack; None: every non-adversarial task
-        eps:float=8/255, # radius of the perturbation ball
-        alpha:float=None, # step size (default 2.5 eps / steps)
-        steps:int=10, # number of ascent steps
-        norm:str='Linf', # 'Linf' or 'L2'
-        random_start:bool=True, # start from a random point of the ball
-        seed:int=None, # seed of the random start; None: torch's global generator
-    ): super().__init__(tasks, None, eps, alpha, steps, norm, random_start, seed)
-
+    "Ghamizi et al.'s weighted gradient attack: PGD on the sum of w_i L_i(t) / L_i(0), each task's loss over its value at the start"
     def weigh(self, losses:Tensor, step:int, state:dict)->Tensor:
-        "r_i(t): the loss ratio L_i(t)/L_i(0) of each task over its mean across the labelled tasks"
-        if step == 0: state['L0'] = losses
-        active = state['L0'] > 0  # a task with no label in the batch has loss 0 and no gradient
-        if not active.any(): return torch.zeros_like(losses)
-        ratio = torch.where(active, losses / state['L0'].clamp_min(1e-12), 0.)
-        return ratio / ratio[active].mean()
+        "w_i / L_i(0), fixed at the first step; 0 for a task without labels in the batch"
+        if step == 0: state['wgd'] = torch.where(losses > 0, state['w'] / losses.clamp_min(1e-12), 0.)
+        return state['wgd']
 
 # %% ../nbs/11_attacks.ipynb #95a2cffe
 def expected_improvement(

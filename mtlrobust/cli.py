@@ -6,25 +6,35 @@ Docs: https://mtlrobust.github.io/mtlrobust/cli.html.md"""
 
 # %% ../nbs/20_cli.ipynb #6adf07d0
 from __future__ import annotations
-import sys, json, time, warnings
+import sys, json, time, pickle, warnings
 # fastai's import calls `torch.jit.script`, which recent torch deprecates with a FutureWarning on every command
 warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
 from pathlib import Path
 from fractions import Fraction
-import numpy as np, pandas as pd
+import numpy as np, pandas as pd, torch
 import matplotlib.pyplot as plt
 from fastcore.all import *
 from fastcore.script import anno_parser
-from fastai.learner import load_learner
-from .data import save_manifest
+from .export import save_model, load_model
+from .data import save_manifest, SPLITS
+from .attacks import NORMS
 from .callback.adversarial import check_bn_branch, bn_branch
-from .robustness import robustness_report, plot_robustness
+from .robustness import ATTACKS, robustness_report, plot_robustness
 from .workflow import *
 
 # %% auto #0
-__all__ = ['COMMANDS', 'mtlrobust_train', 'mtlrobust_evaluate', 'mtlrobust_attack', 'mtlrobust_demo', 'main']
+__all__ = ['COMMANDS', 'USER_ERRORS', 'mtlrobust_train', 'mtlrobust_evaluate', 'mtlrobust_attack', 'mtlrobust_demo', 'main']
 
 # %% ../nbs/20_cli.ipynb #3e1867b8
+def _check_split(table:pd.DataFrame, given:bool, valid_pct:float, test_pct:float):
+    "Refuse a split without training or test rows, naming what produced it"
+    for s, need in (('train', 'training'), ('test', 'test')):
+        if (table.split == s).any(): continue
+        why = ("DATA's split column has none" if given else
+               f"--valid-pct {valid_pct} and --test-pct {test_pct} of {len(table)} rows leave none in any class")
+        raise ValueError(f"no {need} rows: {why}; " + ("a train run reports test metrics, so give --test-pct above 0"
+                         if s == 'test' and not test_pct and not given else "change the shares or give more data"))
+
 def mtlrobust_train(
     data:str, # dataset folder, manifest CSV or 'synthetic'
     tasks:str='label,mask', # comma-separated tasks: label, mask, concepts, random or column names
@@ -32,7 +42,7 @@ def mtlrobust_train(
     domains:str=None, # comma-separated domains to train and test on (default: all)
     arch:str='resnet18', # timm architecture
     size:int=128, # image side in pixels
-    bs:int=32, # batch size
+    bs:int=32, # batch size (at least 2)
     epochs:int=30, # epochs
     lr:float=2e-3, # maximum learning rate (one-cycle)
     weighting:str='vanilla', # vanilla, uncertainty or gradnorm
@@ -41,42 +51,68 @@ def mtlrobust_train(
     seed:int=0, # random seed (split, initialisation, batches)
     pretrained:bool=False, # start from timm's pretrained weights
     n_synthetic:int=600, # images drawn when DATA is 'synthetic'
+    bad_files:str='skip', # damaged or unreadable image/mask files: skip (with a warning naming them) or raise
     out:str=None, # output folder (must be new or empty)
 ):
-    "Train a multi-task model; save the exported learner, the split and metrics.json in a new folder"
-    folder = new_run_folder(out, 'train')
-    table = split_for_training(read_data(data, domains, n_synthetic, seed), valid_pct, test_pct, seed)
-    table, task_list = parse_tasks(table, tasks, adversarial, seed)
-    start = time.time()
-    learn = train_model(table, task_list, arch, size, bs, epochs, lr, weighting, seed, pretrained)
-    metrics = evaluate_table(learn, table[table.split == 'test'])
-    report = dict(data=str(data), tasks=tasks, adversarial=adversarial,
-                  arch=arch, size=size, bs=bs, epochs=epochs, lr=lr, weighting=weighting, seed=seed,
-                  n_train=int((table.split == 'train').sum()), n_test=int((table.split == 'test').sum()),
-                  train_seconds=round(time.time()-start, 1), test_metrics=metrics)
-    learn.export(folder.absolute()/'model.pkl')
-    save_manifest(table, folder/'split.csv')
-    (folder/'metrics.json').write_text(json.dumps(report, indent=2, default=float))
+    "Train a multi-task model; save it (safe format and fastai pickle), the split and metrics.json in a new folder"
+    check_training_options(size, bs, epochs, lr, valid_pct, test_pct, arch, weighting)
+    folder = output_folder(out, 'train')
+    with atomic_outputs(folder, ('model.json', 'model.safetensors', 'model.pkl', 'split.csv', 'metrics.json')) as dest:
+        table = read_data(data, domains, n_synthetic, seed, bad_files=bad_files)
+        given = 'split' in table and table.split.notna().all()
+        table = split_for_training(table, valid_pct, test_pct, seed)
+        _check_split(table, given, valid_pct, test_pct)
+        table, task_list = parse_tasks(table, tasks, adversarial, seed)
+        check_training_rows(table, task_list, bs)
+        start = time.time()
+        learn = train_model(table, task_list, arch, size, bs, epochs, lr, weighting, seed, pretrained)
+        metrics = evaluate_table(learn, table[table.split == 'test'])
+        report = dict(data=str(data), tasks=tasks, adversarial=adversarial,
+                      arch=arch, size=size, bs=bs, epochs=epochs, lr=lr, weighting=weighting, seed=seed,
+                      n_train=int((table.split == 'train').sum()), n_test=int((table.split == 'test').sum()),
+                      train_seconds=round(time.time()-start, 1), test_metrics=metrics)
+        save_model(learn, folder, name=dest['model.json'].stem, size=size)
+        learn.export(dest['model.pkl'].absolute())
+        save_manifest(table, dest['split.csv'])
+        dest['metrics.json'].write_text(json.dumps(report, indent=2, default=float))
     print(pd.Series(metrics, name='test').round(4).to_string()); print(f"saved to {folder}")
     return report
 
 # %% ../nbs/20_cli.ipynb #cd6138d1
+def _load_model(
+    model:str, # a train run's folder, or its model.json / model.safetensors (a fastai model.pkl with `trust_pickle`)
+    trust_pickle:bool=False, # load a pickle, which can run code: only for a file you made or trust
+):
+    "The learner saved at `model`: a missing, damaged or (without `trust_pickle`) pickled file is an error naming it"
+    p = Path(model).expanduser()
+    if not p.exists(): raise FileNotFoundError(f"MODEL {model!r}: no such file or folder; give the folder of a train run or its model.json")
+    try: return load_model(p, trust_pickle=trust_pickle)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
+        raise ValueError(f"MODEL {model!r} is not a model saved by mtlrobust train, or it is damaged ({' '.join(str(e).split())[:160]})") from e
+
+def _check_split_name(split:str):
+    if split is not None and split not in SPLITS: raise ValueError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+
 def mtlrobust_evaluate(
-    model:str, # exported learner (model.pkl of a train run)
+    model:str, # folder of a train run, or its model.json (a model.pkl only with --trust-pickle)
     data:str, # dataset folder, manifest CSV or 'synthetic'
     domains:str=None, # comma-separated domains to evaluate on (default: all)
     split:str=None, # evaluate only rows of this split when DATA is a manifest with a split column
     out:str=None, # JSON file to write (must not exist; default: beside the model)
     seed:int=1, # seed of synthetic data
     n_synthetic:int=600, # images drawn when DATA is 'synthetic'
+    bad_files:str='skip', # damaged or unreadable image/mask files: skip (with a warning naming them) or raise
+    trust_pickle:bool=False, # load a fastai model.pkl, which can run code: only for a file you made or trust
 ):
     "Per-task metrics of a saved model on a dataset, printed as a table and written as JSON"
-    learn = load_learner(model)
-    table = read_rows(learn, data, domains, split, n_synthetic, seed)
-    metrics = evaluate_table(learn, table)
-    dest = Path(out) if out else Path(model).parent/f"evaluate-{Path(str(data)).stem}{'-'+domains.replace('/', '_').replace(',', '+') if domains else ''}.json"
-    if dest.exists(): raise FileExistsError(f"{dest} exists; choose another --out")
-    dest.write_text(json.dumps(dict(model=str(model), data=str(data), domains=domains, n=len(table), metrics=metrics), indent=2, default=float))
+    _check_split_name(split)
+    run = Path(model) if Path(model).is_dir() else Path(model).parent
+    dest = Path(out) if out else run/f"evaluate-{Path(str(data)).stem}{'-'+domains.replace('/', '_').replace(',', '+') if domains else ''}.json"
+    with atomic_outputs(dest.parent, [dest.name]) as tmp_dest:
+        learn = _load_model(model, trust_pickle)
+        table = read_rows(learn, data, domains, split, n_synthetic, seed, bad_files=bad_files)
+        metrics = evaluate_table(learn, table)
+        tmp_dest[dest.name].write_text(json.dumps(dict(model=str(model), data=str(data), domains=domains, n=len(table), metrics=metrics), indent=2, default=float))
     print(pd.Series(metrics, name=str(data)).round(4).to_string()); print(f"written to {dest}")
     return metrics
 
@@ -86,13 +122,37 @@ def _floats(s:str)->list:
     try: return [float(Fraction(v.strip())) for v in str(s).split(',') if v.strip()]
     except (ValueError, ZeroDivisionError): raise ValueError(f"--eps: expected comma-separated numbers or fractions like '1/255,8/255', got {s!r}") from None
 
+def _budgets(s:str, norms:list)->list:
+    "The budgets of --eps: at least one, none negative; L-infinity ones above 1 are warned about"
+    eps = _floats(s)
+    if not eps: raise ValueError(f"--eps {s!r}: no budget given; expected numbers or fractions like '1/255,8/255'")
+    if neg := [e for e in eps if e < 0]: raise ValueError(f"--eps {s!r}: a budget must be at least 0, got {neg[0]:g}")
+    if 'Linf' in norms and (big := [e for e in eps if e > 1]):
+        warnings.warn(f"--eps {s!r}: an Linf budget of {big[0]:g} exceeds 1, the whole range of an image's pixels (images are in [0, 1]); did you mean {big[0]:g}/255?")
+    return eps
+
+def _names(s:str, known, opt:str)->list:
+    "The comma-separated names of option `opt`, each one of `known`"
+    names = [n.strip() for n in str(s).split(',') if n.strip()]
+    if not names or (bad := [n for n in names if n not in known]):
+        raise ValueError(f"--{opt} {s!r}: " + (f"unknown {', '.join(map(repr, bad))}" if names else "no name given") + f"; expected some of {', '.join(known)}")
+    return names
+
 def _task_sets_arg(s:str)->list:
     "[('label',), ('label', 'mask')] from 'label;label,mask'"
-    return [tuple(t.strip() for t in ts.split(',') if t.strip()) for ts in str(s).split(';') if ts.strip()]
+    sets = [tuple(t.strip() for t in ts.split(',') if t.strip()) for ts in str(s).split(';') if ts.strip()]
+    if not all(sets) or not sets: raise ValueError(f"--tasks {s!r}: expected task sets like 'label;mask;label,mask' (';' between sets, ',' within one)")
+    return sets
+
+def _check_task_sets(sets:list, learn):
+    "Refuse task sets none of which is made of the model's tasks (robustness_report skips, with a warning, the others)"
+    names = [t.name for t in learn.tasks]
+    if not any(set(ts) <= set(names) for ts in sets):
+        raise ValueError(f"--tasks: none of the task sets {[','.join(ts) for ts in sets]} is made of the model's tasks {', '.join(names)}")
 
 # %% ../nbs/20_cli.ipynb #63fa638c
 def mtlrobust_attack(
-    model:str, # exported learner (model.pkl of a train run)
+    model:str, # folder of a train run, or its model.json (a model.pkl only with --trust-pickle)
     data:str, # dataset folder, manifest CSV or 'synthetic'
     attack:str='pgd', # comma-separated attacks: pgd, fgsm, wgd
     eps:str='1/255,2/255,4/255,8/255', # comma-separated budgets, fractions allowed
@@ -105,18 +165,25 @@ def mtlrobust_attack(
     out:str=None, # output folder (must be new or empty)
     seed:int=1, # seed of the synthetic images (1: not the training ones) and of the attacks
     bn:str='clean', # BatchNorm branch a MixBN model is attacked and evaluated through: clean or adv
+    bad_files:str='skip', # damaged or unreadable image/mask files: skip (with a warning naming them) or raise
+    trust_pickle:bool=False, # load a fastai model.pkl, which can run code: only for a file you made or trust
 ):
     "Robustness report of a saved model under attack: report.csv and report.png in a new folder"
-    check_bn_branch(bn, '--bn ')  # before the output folder is made
-    folder = new_run_folder(out, 'attack')
-    learn = load_learner(model)
-    table = read_rows(learn, data, domains, split, n_synthetic, seed)
-    with bn_branch(learn.model, bn):
-        report = robustness_report(learn, learn.labelled_dl(table), attacks=[a.strip() for a in attack.split(',')], eps=_floats(eps),
-                                   tasks=_task_sets_arg(tasks), norms=[n.strip() for n in norm.split(',')], steps=steps, seed=seed)
-    report.to_csv(folder/'report.csv', index=False)
-    g = plot_robustness(report); g.savefig(folder/'report.png', dpi=100)
-    plt.close(g.figure)
+    check_bn_branch(bn, '--bn ')  # every option before the output folder, the model and the data
+    attacks, norms = _names(attack, ATTACKS, 'attack'), _names(norm, NORMS, 'norm')
+    budgets, sets = _budgets(eps, norms), _task_sets_arg(tasks)
+    if steps < 1: raise ValueError(f"--steps {steps}: an attack takes at least 1 step")
+    _check_split_name(split)
+    folder = output_folder(out, 'attack')
+    with atomic_outputs(folder, ('report.csv', 'report.png')) as dest:
+        learn = _load_model(model, trust_pickle)
+        _check_task_sets(sets, learn)
+        table = read_rows(learn, data, domains, split, n_synthetic, seed, bad_files=bad_files)
+        with bn_branch(learn.model, bn):
+            report = robustness_report(learn, learn.labelled_dl(table), attacks=attacks, eps=budgets, tasks=sets, norms=norms, steps=steps, seed=seed)
+        report.to_csv(dest['report.csv'], index=False)
+        g = plot_robustness(report); g.savefig(dest['report.png'], dpi=100)
+        plt.close(g.figure)
     summary = report[report.metric.isin(['acc', 'dice_nucleus', 'roi'])].pivot_table(index=['attack', 'norm', 'attacked', 'task', 'metric'], columns='eps', values='value')
     print(summary.round(3).to_string()); print(f"saved to {folder}")
     return report
@@ -128,26 +195,49 @@ def mtlrobust_demo(
     seed:int=0, # random seed
 ):
     "Train classifier, U-Net and multi-task model on synthetic domain A; test in domain A and out of domain (B)"
-    folder = new_run_folder(out, 'demo')
-    res = run_demo(epochs=epochs, seed=seed)
+    check_training_options(epochs=epochs)
+    folder = output_folder(out, 'demo')
+    with atomic_outputs(folder, ('demo.csv', 'demo.png')) as dest:
+        res = run_demo(epochs=epochs, seed=seed)
+        res.to_csv(dest['demo.csv']); plot_demo(res, dest['demo.png'])
     print(res.round(3).to_string())
-    res.to_csv(folder/'demo.csv'); plot_demo(res, folder/'demo.png')
     print(f"table and figure saved to {folder}")
     return res
 
 # %% ../nbs/20_cli.ipynb #8b92922c
 COMMANDS = dict(train=mtlrobust_train, evaluate=mtlrobust_evaluate, attack=mtlrobust_attack, demo=mtlrobust_demo)
+USER_ERRORS = (ValueError, OSError, MemoryError, torch.cuda.OutOfMemoryError)  # the user's mistakes: one line, exit 2
+
+def _one_line(e:BaseException)->str: return ' '.join(str(e).split()) or type(e).__name__
+
+def _warning_line(prog:str):
+    "A `warnings.showwarning` printing `prog: warning: message` on stderr"
+    def show(message, category, filename, lineno, file=None, line=None): print(f"{prog}: warning: {_one_line(message)}", file=sys.stderr)
+    return show
 
 def main(
     argv:list=None, # command-line words after `mtlrobust` (default: `sys.argv[1:]`)
 ):
     "Entry point of the `mtlrobust` console script: parse a subcommand's arguments with fastcore and run it"
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ['--debug']: argv = argv[1:2] + ['--debug'] + argv[2:]  # `mtlrobust --debug train ...` too
     if not argv or argv[0] not in COMMANDS:
-        print("usage: mtlrobust {" + ','.join(COMMANDS) + "} [-h] ...\n")
+        print("usage: mtlrobust {" + ','.join(COMMANDS) + "} [-h] [--debug] ...\n")
         for k, f in COMMANDS.items(): print(f"  {k:9}{f.__doc__}")
+        print("\n--debug shows the full traceback of an error")
         raise SystemExit(0 if argv[:1] in (['-h'], ['--help']) else 2)
-    cmd = COMMANDS[argv[0]]
-    args = vars(anno_parser(cmd, prog=f"mtlrobust {argv[0]}").parse_args(argv[1:]))
+    prog = f"mtlrobust {argv[0]}"
+    parser = anno_parser(COMMANDS[argv[0]], prog=prog)
+    parser.add_argument('--debug', action='store_true', help='show the full traceback of any error')
+    args = vars(parser.parse_args(argv[1:]))
+    debug = args.pop('debug')
     for k in ('pdb', 'xtra'): args.pop(k, None)  # fastcore's hidden debugging options
-    cmd(**args)  # returns nothing: the console script's exit status must stay 0
+    with warnings.catch_warnings():
+        if not debug: warnings.showwarning = _warning_line(prog)
+        try: COMMANDS[argv[0]](**args)  # returns nothing: the console script's exit status must stay 0
+        except KeyboardInterrupt:
+            if debug: raise
+            print(f"{prog}: interrupted", file=sys.stderr); raise SystemExit(130) from None
+        except USER_ERRORS as e:
+            if debug: raise
+            print(f"{prog}: error: {_one_line(e)}", file=sys.stderr); raise SystemExit(2) from None

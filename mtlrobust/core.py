@@ -12,14 +12,19 @@ import numpy as np, pandas as pd
 from PIL import Image
 
 # %% auto #0
-__all__ = ['WBC_CLASSES', 'CLASS_ALIASES', 'SEG_CLASSES', 'GREY_LEVELS', 'MASK_IGNORE', 'TABLE_COLUMNS', 'DATA_ENV', 'is_missing',
-           'canonical_class', 'class_vocab', 'snap_to_codes', 'read_mask', 'sample_table', 'concept_columns',
-           'data_path', 'content_hash']
+__all__ = ['WBC_CLASSES', 'CLASS_ALIASES', 'KNOWN_CLASSES', 'SEG_CLASSES', 'GREY_LEVELS', 'GREY_TOLERANCE', 'GREY_MAX_STRAY',
+           'MASK_IGNORE', 'MASK_CODINGS', 'TABLE_COLUMNS', 'DATA_ENV', 'is_missing', 'canonical_class', 'class_vocab',
+           'snap_to_codes', 'read_mask', 'sample_table', 'concept_columns', 'data_path', 'content_hash']
 
 # %% ../nbs/00_core.ipynb #7971d32a
 WBC_CLASSES = ['neutrophil', 'lymphocyte', 'monocyte', 'eosinophil', 'basophil']
 CLASS_ALIASES = {'ig': 'immature_granulocyte', 'immature_granulocytes': 'immature_granulocyte',
-                 'band': 'band_neutrophil', 'seg': 'neutrophil', 'segmented_neutrophil': 'neutrophil'}
+                 'band': 'band_neutrophil', 'seg': 'neutrophil', 'segmented_neutrophil': 'neutrophil',
+                 'variant_lymphocyte': 'atypical_lymphocyte', 'reactive_lymphocyte': 'atypical_lymphocyte',
+                 'nrbc': 'erythroblast', 'thrombocyte': 'platelet', 'smudge': 'smudge_cell'}
+KNOWN_CLASSES = WBC_CLASSES + ['band_neutrophil', 'immature_granulocyte', 'promyelocyte', 'myelocyte', 'metamyelocyte',
+                               'blast', 'myeloblast', 'monoblast', 'lymphoblast', 'atypical_lymphocyte', 'plasma_cell',
+                               'erythroblast', 'platelet', 'smudge_cell']
 
 # %% ../nbs/00_core.ipynb #90ea638d
 def is_missing(
@@ -37,9 +42,11 @@ def canonical_class(
     "Lower-case, singular, underscore-separated class name; `None` for a missing label"
     if is_missing(name): return None
     key = re.sub(r'[\s\-]+', '_', str(name).strip().lower())
-    if key in CLASS_ALIASES: return CLASS_ALIASES[key]
     singular = key[:-1] if key.endswith('s') else key
-    return singular if singular in WBC_CLASSES else key
+    for k in (key, singular):
+        if k in CLASS_ALIASES: return CLASS_ALIASES[k]
+        if k in KNOWN_CLASSES: return k
+    return key
 
 # %% ../nbs/00_core.ipynb #75f56dff
 def class_vocab(
@@ -52,26 +59,51 @@ def class_vocab(
 # %% ../nbs/00_core.ipynb #dea3fd33
 SEG_CLASSES = ['background', 'cytoplasm', 'nucleus']
 GREY_LEVELS = np.array([0, 128, 255])
+GREY_TOLERANCE = 60  # every value of a grey mask lies at most this far from 0/128/255 (segmentation_WBC: 50)
+GREY_MAX_STRAY = 0.01  # stray values (not the main value near their level) cover at most this fraction of the pixels
 MASK_IGNORE = 255  # value of unlabelled mask pixels; never a class index
+MASK_CODINGS = (f"class codes 0/1/2; grey levels 0/128/255 (every value within {GREY_TOLERANCE} of a level, one main "
+                f"value per level, strays on at most {GREY_MAX_STRAY:.0%} of the pixels, some pixel near 128 or 255); "
+                "a palette PNG with indices 0/1/2")
 
 # %% ../nbs/00_core.ipynb #ac2ec8a0
+def _values_found(vals, counts)->str:
+    "'value (pixels)' list of a mask's values, the 20 most frequent"
+    top = np.argsort(-counts, kind='stable')[:20]
+    more = f" and {len(vals)-20} more values" if len(vals) > 20 else ''
+    return ', '.join(f"{vals[i]:g} ({counts[i]} px)" for i in sorted(top)) + more
+
 def snap_to_codes(
-    a:np.ndarray, # 2D mask as read from a file
+    a:np.ndarray, # 2D mask as read from a file (or 3D with equal channels: a grey mask saved as RGB)
+    src=None, # where `a` comes from (a file name), named in the error
 )->np.ndarray:
-    "Class indices (uint8) of `a`: kept if already in {0,1,2}, else nearest of the grey levels 0/128/255"
+    "Class indices (uint8) of `a`: kept if all in {0,1,2}, else snapped to the nearest of 0/128/255 if `a` is a grey mask"
     a = np.asarray(a)
-    if a.ndim == 3: a = a[..., :3].mean(-1)
-    if a.max(initial=0) <= 2 and np.all(a == np.round(a)): return a.astype(np.uint8)
-    return np.abs(a[..., None].astype(np.float32) - GREY_LEVELS).argmin(-1).astype(np.uint8)
+    if a.ndim == 3:
+        if not (a[..., :3] == a[..., :1]).all(): raise ValueError(f"{src or 'mask'}: a colour mask (its channels differ) fits no mask coding; expected {MASK_CODINGS}")
+        a = a[..., 0]
+    vals, counts = np.unique(a, return_counts=True)
+    if np.isin(vals, [0, 1, 2]).all(): return a.astype(np.uint8)
+    dist = np.abs(vals[:, None].astype(np.float64) - GREY_LEVELS)
+    near = dist.argmin(1)  # each value's nearest level
+    strays = a.size - sum(counts[near == k].max(initial=0) for k in range(3))  # pixels off their level's main value
+    if (dist.min(1) <= GREY_TOLERANCE).all() and strays <= GREY_MAX_STRAY*a.size and (near > 0).any():
+        return near.astype(np.uint8)[np.searchsorted(vals, a)]
+    raise ValueError(f"{src or 'mask'}: values {_values_found(vals, counts)} fit no mask coding; expected {MASK_CODINGS}")
 
 # %% ../nbs/00_core.ipynb #dcd5cd63
 def read_mask(
     path, # mask image file (PNG, BMP, TIFF ...)
 )->np.ndarray:
-    "Mask of `path` as a uint8 array of class indices (0 background, 1 cytoplasm, 2 nucleus)"
-    im = Image.open(path)
-    if im.mode == 'P': return snap_to_codes(np.asarray(im))
-    return snap_to_codes(np.asarray(im.convert('L')))
+    "Mask of `path` as a uint8 array of class indices (0 background, 1 cytoplasm, 2 nucleus); other codings raise"
+    with Image.open(path) as im:
+        if im.mode in ('RGB', 'RGBA'): return snap_to_codes(np.asarray(im.convert('RGB')), src=path)
+        if im.mode != 'P': return snap_to_codes(np.asarray(im.convert('L')), src=path)
+        a = np.asarray(im)
+    if not np.isin(a, [0, 1, 2]).all():
+        vals, counts = np.unique(a, return_counts=True)
+        raise ValueError(f"{path}: palette indices {_values_found(vals, counts)} fit no mask coding; expected {MASK_CODINGS}")
+    return a.astype(np.uint8)
 
 # %% ../nbs/00_core.ipynb #ceded007
 TABLE_COLUMNS = ['image', 'mask', 'label', 'domain', 'dataset']

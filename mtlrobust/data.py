@@ -10,16 +10,111 @@ import os, warnings, dataclasses
 from pathlib import Path
 from dataclasses import dataclass, field
 import numpy as np, pandas as pd
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from fastcore.all import *
 from fastai.vision.all import *
 from .core import *
 from .tasks import *
 
 # %% auto #0
-__all__ = ['SEGWBC_LABELS', 'IMAGE_EXTS', 'SPLITS', 'load_segmentation_wbc', 'combine', 'readable_image', 'load_pbc',
-           'load_manifest', 'save_manifest', 'duplicate_groups', 'split_stratified', 'kfold_splits',
-           'leave_one_domain_out', 'mtl_augmentations', 'mtl_dataloaders', 'dominant_channel_agreement']
+__all__ = ['BAD_FILES', 'UNKNOWN_CLASSES', 'SEGWBC_LABELS', 'IMAGE_EXTS', 'SPLITS', 'image_problem', 'readable_image',
+           'check_files', 'check_class_names', 'load_segmentation_wbc', 'combine', 'load_pbc', 'load_manifest',
+           'save_manifest', 'duplicate_groups', 'split_stratified', 'kfold_splits', 'leave_one_domain_out',
+           'mtl_augmentations', 'mtl_dataloaders', 'dominant_channel_agreement']
+
+# %% ../nbs/04_data.ipynb #3f2a6c81
+def _image_check(path)->tuple:
+    "(why `path` is not a usable image or None, its (width, height))"
+    try:
+        if os.path.getsize(path) == 0: return 'empty file (0 bytes)', None
+        with Image.open(path) as im:
+            size = im.size
+            im.draft('L', (1, 1))  # JPEG: decode to the end at 1/8 scale; other formats ignore drafts
+            im.load()
+        return None, size
+    except FileNotFoundError: return 'file not found', None
+    except UnidentifiedImageError: return 'not an image (PIL cannot identify its format)', None
+    except Exception as e:
+        why = 'truncated' if 'truncat' in str(e).lower() else 'cannot be decoded'
+        return f"{why} ({type(e).__name__}: {e})", None
+
+# %% ../nbs/04_data.ipynb #47b0d9e5
+def image_problem(
+    path, # image file to check
+)->str|None:
+    "Why `path` is not a usable image (empty, not an image, truncated, undecodable), or None when it decodes to its end"
+    return _image_check(path)[0]
+
+def readable_image(
+    path, # file to check
+)->bool:
+    "True if PIL can open and fully decode `path` as an image"
+    return image_problem(path) is None
+
+# %% ../nbs/04_data.ipynb #83c4e6f1
+BAD_FILES = ('skip', 'raise')
+UNKNOWN_CLASSES = ('warn', 'raise', 'ignore')
+
+def _option(name, value, allowed):
+    "Raise if the option `name` is not one of `allowed`"
+    if value not in allowed: raise ValueError(f"{name}={value!r}: expected one of {allowed}")
+
+def _wh(size)->str: return f"{size[0]}x{size[1]}"
+
+# %% ../nbs/04_data.ipynb #9c2e7a14
+def _row_check(row)->tuple:
+    "([(kind, file, why) ...], image size, mask size) of one (image, mask) row"
+    image, mask = row
+    why, isize = _image_check(image)
+    probs, msize = [('image', image, why)] if why else [], None
+    if is_missing(mask): return probs, isize, None
+    why, _ = _image_check(mask)
+    if not why:
+        try: msize = read_mask(mask).shape[::-1]
+        except ValueError as e: why = str(e).removeprefix(f"{mask}: ")
+    if why: probs.append(('mask', mask, why))
+    return probs, isize, msize
+
+# %% ../nbs/04_data.ipynb #a4f8d3b6
+def check_files(
+    table:pd.DataFrame, # sample table
+    bad_files:str='skip', # rows with an unusable image or mask: 'skip' drops them with one warning, 'raise' refuses the table
+    source:str='check_files', # what is being read (a folder, a CSV): the start of every message
+    rows:list=None, # how messages name each row, e.g. 'line 3' of a CSV (default: by its files only)
+)->pd.DataFrame:
+    "`table` less its rows whose image or mask does not decode or fits no mask coding; a mask not of its image's size raises"
+    _option('bad_files', bad_files, BAD_FILES)
+    pairs = list(zip(table.image, table['mask']))
+    res = parallel(_row_check, pairs, n_workers=min(4, defaults.cpus), threadpool=True, progress=False)
+    where = [f'{r}: ' for r in rows] if rows is not None else ['']*len(table)
+    ok = np.array([not probs for probs, _, _ in res], dtype=bool)
+    bad = '\n'.join(f"  {where[i]}{kind} {f}: {why}" for i, (probs, _, _) in enumerate(res) for kind, f, why in probs)
+    if bad and (bad_files == 'raise' or not ok.any()):
+        raise ValueError(f"{source}: {(~ok).sum()} of {len(ok)} row(s) have an image or mask that cannot be used"
+                         + (" (pass bad_files='skip' to drop them)" if ok.any() else '') + ":\n" + bad)
+    if bad: warnings.warn(f"{source}: skipped {(~ok).sum()} of {len(ok)} row(s) whose image or mask cannot be used "
+                          f"(pass bad_files='raise' to refuse them):\n" + bad)
+    if sizes := [f"  {where[i]}mask {_wh(ms)} differs from image {_wh(isz)}: {m} vs {im}"
+                 for i, ((_, isz, ms), (im, m)) in enumerate(zip(res, pairs)) if ok[i] and ms is not None and ms != isz]:
+        raise ValueError(f"{source}: {len(sizes)} mask(s) differ in size from their image:\n" + '\n'.join(sizes))
+    return table[ok].reset_index(drop=True)
+
+# %% ../nbs/04_data.ipynb #e7b3c5a9
+def check_class_names(
+    labels, # canonical class names of a table (missing values are ignored)
+    unknown_classes:str='warn', # names outside `KNOWN_CLASSES`: 'warn', 'raise' or 'ignore'
+    source:str='check_class_names', # what is being read (a folder, a CSV): the start of the message
+)->dict:
+    "Unknown class name -> count; warned about, raised or ignored as `unknown_classes` says"
+    _option('unknown_classes', unknown_classes, UNKNOWN_CLASSES)
+    counts = pd.Series([o for o in labels if not is_missing(o)], dtype=object).value_counts()
+    unknown = {k: int(counts[k]) for k in sorted(counts.index) if k not in KNOWN_CLASSES}
+    if not unknown or unknown_classes == 'ignore': return unknown
+    msg = (f"{source}: unknown class name(s) " + ', '.join(f"{k!r} ({n} rows)" for k, n in unknown.items())
+           + f"; known classes are {KNOWN_CLASSES}. Check the spelling, or pass unknown_classes='ignore' to keep them as classes")
+    if unknown_classes == 'raise': raise ValueError(msg)
+    warnings.warn(msg)
+    return unknown
 
 # %% ../nbs/04_data.ipynb #bc53ccba
 SEGWBC_LABELS = dict(enumerate(WBC_CLASSES, start=1))
@@ -56,6 +151,7 @@ def _segwbc_folder(folder:Path, labels:dict)->pd.DataFrame:
 # %% ../nbs/04_data.ipynb #83a5f1a8
 def load_segmentation_wbc(
     path, # the `segmentation_WBC` folder (holding `Dataset N/` and `Class Labels of Dataset N.csv`)
+    bad_files:str='skip', # rows whose image or mask does not decode: 'skip' (one warning names them) or 'raise'
 )->pd.DataFrame:
     "Sample table of segmentation_WBC: every image with its mask, class name and dataset folder as domain"
     path = Path(path)
@@ -66,7 +162,9 @@ def load_segmentation_wbc(
         if not folder.is_dir(): raise FileNotFoundError(f"{csv.name} has no image folder {folder}")
         tables.append(_segwbc_folder(folder, _read_label_csv(csv)))
     if not tables: raise FileNotFoundError(f"{path}: no 'Class Labels of Dataset N.csv' found; is this the segmentation_WBC folder?")
-    return combine(*tables)
+    t = combine(*tables)
+    if not len(t): raise FileNotFoundError(f"{path}: no images (NNN.bmp with NNN.png masks) in its 'Dataset N' folders")
+    return check_files(t, bad_files, source=str(path))
 
 # %% ../nbs/04_data.ipynb #fe8d186b
 def combine(*tables:pd.DataFrame)->pd.DataFrame:
@@ -94,22 +192,27 @@ def load_pbc(
     classes:list=None, # keep only these classes (any spelling), e.g. `WBC_CLASSES`; None keeps all
     domain:str='PBC', # acquisition source of every image (PBC: CellaVision DM96, Hospital Clinic Barcelona)
     dataset:str='PBC', # dataset name written in the table
+    bad_files:str='skip', # files that are not readable images: 'skip' (one warning names them) or 'raise'
+    unknown_classes:str='warn', # folder names outside `KNOWN_CLASSES`: 'warn', 'raise' or 'ignore'
 )->pd.DataFrame:
     "Sample table of a class-per-folder dataset such as PBC (no masks); unreadable files are skipped with a warning"
     path = Path(path)
     if not path.is_dir(): raise FileNotFoundError(f"PBC folder not found: {path}")
     folders = {canonical_class(d.name): d for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith('.')}
+    if not folders: raise FileNotFoundError(f"{path} has no class sub-folders; expected one folder of images per class, e.g. {path/'neutrophil'}")
     if classes is not None:
         want = [canonical_class(c) for c in classes]
         if unknown := [c for c in want if c not in folders]:
             raise ValueError(f"classes {unknown} not found in {path}; it has {sorted(folders)}")
         folders = {c: folders[c] for c in want}
     files = [(f, c) for c, d in folders.items() for f in sorted(d.iterdir()) if f.is_file()]
-    ok = parallel(readable_image, [f for f, _ in files], n_workers=min(4, defaults.cpus), threadpool=True, progress=False)
-    if bad := [str(f) for (f, _), good in zip(files, ok) if not good]:
-        warnings.warn(f"load_pbc skipped {len(bad)} file(s) that are not readable images: " + ', '.join(bad))
-    kept = [(f, c) for (f, c), good in zip(files, ok) if good]
-    return sample_table([f for f, _ in kept], None, [c for _, c in kept], domain=domain, dataset=dataset)
+    if not files: raise FileNotFoundError(f"{path}: its class folders {sorted(folders)} hold no files; expected images in each")
+    t = sample_table([f for f, _ in files], None, [c for _, c in files], domain=domain, dataset=dataset)
+    check_class_names(t.label, unknown_classes, source=str(path))
+    t = check_files(t, bad_files, source=str(path))
+    if empty := [f"{c} ({d})" for c, d in folders.items() if c not in set(t.label)]:
+        warnings.warn(f"{path}: no readable image in class folder(s) {', '.join(empty)}; these classes have no rows")
+    return t
 
 # %% ../nbs/04_data.ipynb #2c73bf42
 SPLITS = ('train', 'valid', 'test')
@@ -134,22 +237,25 @@ def _check_manifest_columns(csv, df):
 
 # %% ../nbs/04_data.ipynb #16b71e24
 def _check_manifest_row(csv, i, row):
-    "Raise if the row's files are missing or its mask does not match its image"
+    "Raise if the row has no image or one of its files is missing (decoding and sizes are `check_files`' job)"
+    if is_missing(row.image): raise _bad(csv, i, "no image path")
     if not os.path.isfile(row.image): raise _bad(csv, i, f"image file not found: {row.image}")
-    if is_missing(row['mask']): return
-    if not os.path.isfile(row['mask']): raise _bad(csv, i, f"mask file not found: {row['mask']}")
-    with Image.open(row.image) as im, Image.open(row['mask']) as m:
-        if im.size != m.size: raise _bad(csv, i, f"mask {m.size[0]}x{m.size[1]} differs from image {im.size[0]}x{im.size[1]}")
+    if not is_missing(row['mask']) and not os.path.isfile(row['mask']): raise _bad(csv, i, f"mask file not found: {row['mask']}")
 
 # %% ../nbs/04_data.ipynb #c9c031c9
 def load_manifest(
     csv, # CSV with an `image` column and optional mask/label/domain/dataset/split/concept columns
+    bad_files:str='skip', # rows whose image or mask does not decode: 'skip' (one warning names them) or 'raise'
+    unknown_classes:str='warn', # labels outside `KNOWN_CLASSES`: 'warn', 'raise' or 'ignore'
 )->pd.DataFrame:
     "Sample table of a manifest CSV, every row checked; paths are resolved against the CSV's folder"
     csv = Path(csv)
     if not csv.is_file(): raise FileNotFoundError(f"manifest not found: {csv}")
-    df = pd.read_csv(csv, dtype={c: object for c in TABLE_COLUMNS + ['split', 'hash']})
+    _option('bad_files', bad_files, BAD_FILES); _option('unknown_classes', unknown_classes, UNKNOWN_CLASSES)
+    try: df = pd.read_csv(csv, dtype={c: object for c in TABLE_COLUMNS + ['split', 'hash']})
+    except pd.errors.EmptyDataError: raise ValueError(f"{csv} is empty; expected a header line (image,label,...) and a row per image") from None
     _check_manifest_columns(csv, df)
+    if not len(df): raise ValueError(f"{csv} has a header but no rows; expected a row per image")
     base = csv.parent.absolute()
     for c in ('image', 'mask'): df[c] = [_resolve(base, p) for p in df[c]] if c in df else None
     for c in ('domain', 'dataset'): df[c] = df[c].astype(object).where(df[c].notna(), csv.stem) if c in df else csv.stem
@@ -158,7 +264,9 @@ def load_manifest(
     for i, row in df.iterrows(): _check_manifest_row(csv, i, row)
     extra = {c: df[c] for c in df.columns if c not in TABLE_COLUMNS}
     t = sample_table(df.image, df['mask'], df['label'] if 'label' in df else None, df.domain, df.dataset)
-    return pd.concat([t, pd.DataFrame(extra, index=t.index)], axis=1)
+    t = pd.concat([t, pd.DataFrame(extra, index=t.index)], axis=1)
+    check_class_names(t.label, unknown_classes, source=str(csv))
+    return check_files(t, bad_files, source=str(csv), rows=[f'line {i+2}' for i in range(len(t))])
 
 # %% ../nbs/04_data.ipynb #8e1d5e5d
 def save_manifest(
@@ -171,7 +279,7 @@ def save_manifest(
     if csv.exists() and not overwrite: raise FileExistsError(f"{csv} exists; pass overwrite=True to replace it")
     base = csv.parent.absolute()
     df = table.copy()
-    for c in ('image', 'mask'): df[c] = [None if p is None else os.path.relpath(p, base) for p in df[c]]
+    for c in ('image', 'mask'): df[c] = [None if is_missing(p) else os.path.relpath(p, base) for p in df[c]]
     csv.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(csv, index=False)
     return csv

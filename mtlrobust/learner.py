@@ -50,6 +50,11 @@ class MTLLearner(Learner):
         if getattr(dl, 'shuffle', False): dl = dl.new(shuffle=False, drop_last=False)
         return super().get_preds(dl=dl, reorder=False, cbs=L(cbs) + [KeepDictPreds()], **kwargs)
 
+    def create_opt(self):
+        "fastai's optimiser, with weight decay turned off for the loss's own parameters (`MultiTaskLoss.optim_params`)"
+        super().create_opt()
+        for p in getattr(self.loss_func, 'optim_params', list)(): self.opt.state[p]['do_wd'] = False
+
 # %% ../nbs/10_learner.ipynb #e7d8d682
 @delegates(MultiTaskModel.__init__, but=['tasks'])
 def mtl_learner(

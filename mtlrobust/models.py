@@ -125,6 +125,8 @@ class MultiTaskModel(nn.Module):
     ):
         super().__init__()
         self.arch, self.tasks = arch, _check_tasks(L(tasks))
+        self.config = dict(arch=arch, emb_sizes=tuple(emb_sizes), dropout=dropout, decoder_channels=tuple(decoder_channels),
+                           in_chans=in_chans, **timm_kwargs) # what rebuilds the architecture (the weights aside)
         self.backbone = timm_backbone(arch, pretrained=pretrained, in_chans=in_chans, **timm_kwargs)
         self.normalize = PixelNormalize(*backbone_stats(self.backbone, in_chans))
         self.channels_last = getattr(self.backbone, 'output_fmt', 'NCHW') == 'NHWC'

@@ -19,10 +19,10 @@ from .tasks import compute_task_metrics
 from .attacks import MultiTaskPGD, WGD, SpatialAttack, HybridAttack
 
 # %% auto #0
-__all__ = ['ATTACKS', 'PLOT_METRICS', 'model_of', 'attacked_predictions', 'rate_of_invariance', 'per_sample_losses',
-           'adversarial_vulnerability', 'task_errors', 'relative_vulnerability', 'relative_task_vulnerability',
-           'attack_measures', 'marginal_vulnerability', 'pgd_attack', 'fgsm_attack', 'wgd_attack', 'robustness_report',
-           'plot_robustness', 'hpat_settings', 'hpat_attack', 'hybrid_environment']
+__all__ = ['ATTACKS', 'PLOT_METRICS', 'model_of', 'attacked_predictions', 'rate_of_invariance', 'perturbed_rows',
+           'per_sample_losses', 'adversarial_vulnerability', 'task_errors', 'relative_vulnerability',
+           'relative_task_vulnerability', 'attack_measures', 'marginal_vulnerability', 'pgd_attack', 'fgsm_attack',
+           'wgd_attack', 'robustness_report', 'plot_robustness', 'hpat_settings', 'hpat_attack', 'hybrid_environment']
 
 # %% ../nbs/13_robustness.ipynb #4d7d737d
 def model_of(
@@ -37,6 +37,14 @@ def _select(yb, dl_tasks, names)->tuple:
     dl_tasks = list(dl_tasks)
     if missing := [n for n in names if n not in dl_tasks]: raise ValueError(f"the DataLoader has no targets for tasks {missing}; its targets are {dl_tasks}")
     return tuple(yb[dl_tasks.index(n)] for n in names)
+
+def _task_names(tasks, task_set)->list:
+    "`task_set` (a name or names) checked against `tasks`; None: all of them"
+    names = list(L(tasks).attrgot('name'))
+    if task_set is None: return names
+    task_set = [task_set] if isinstance(task_set, str) else list(task_set)
+    if unknown := [n for n in task_set if n not in names]: raise ValueError(f"unknown tasks {unknown}; the model's tasks are {names}")
+    return task_set
 
 @contextlib.contextmanager
 def _seeded(seed:int, model:nn.Module):
@@ -82,12 +90,27 @@ def attacked_predictions(
 def rate_of_invariance(
     clean_pred:Tensor, # (N, C) scores or probabilities on the clean images, or (N,) predicted labels
     adv_pred:Tensor, # the same on the perturbed images
+    perturbed:Tensor=None, # (N,) bool: the rows the attack perturbed, the only ones counted (`perturbed_rows`); None: all
 )->float:
-    "HPAT eq. 15: the fraction of the N images whose predicted label the perturbation leaves unchanged"
+    "HPAT eq. 15: the fraction of the perturbed images whose predicted label the perturbation leaves unchanged"
     c, a = _plain(clean_pred), _plain(adv_pred)
     assert c.shape == a.shape and c.ndim in (1, 2), f"expected (N,) labels or (N, C) scores, got {tuple(c.shape)} and {tuple(a.shape)}"
     if c.ndim == 2: c, a = c.argmax(1), a.argmax(1)
-    return (c == a).double().mean().item() if len(c) else nan
+    same = c == a
+    if perturbed is not None:
+        perturbed = _plain(perturbed).to(same.device).bool().view(-1)
+        if len(perturbed) != len(same): raise ValueError(f"perturbed has {len(perturbed)} rows, the predictions {len(same)}")
+        same = same[perturbed]
+    return same.double().mean().item() if len(same) else nan
+
+def perturbed_rows(
+    tasks, # the model's `Task`s, in the order of `targets`
+    targets:tuple, # clean targets in task order
+    attacked=None, # names of the attacked tasks; None: all tasks
+)->Tensor:
+    "(N,) bool: the rows labelled for at least one attacked task, the rows the attacks of `mtlrobust.attacks` perturb"
+    names = _task_names(tasks, attacked)
+    return torch.stack([t.has_label(_plain(y)).cpu() for t, y in zip(tasks, targets) if t.name in names]).any(0)
 
 # %% ../nbs/13_robustness.ipynb #faa7031e
 def per_sample_losses(
@@ -99,14 +122,6 @@ def per_sample_losses(
     with torch.no_grad(): return {t.name: t.sample_losses(_plain(preds[t.name]).float(), _plain(y)).float() for t, y in zip(tasks, targets)}
 
 # %% ../nbs/13_robustness.ipynb #177fc18f
-def _task_names(tasks, task_set)->list:
-    "`task_set` (a name or names) checked against `tasks`; None: all of them"
-    names = list(L(tasks).attrgot('name'))
-    if task_set is None: return names
-    task_set = [task_set] if isinstance(task_set, str) else list(task_set)
-    if unknown := [n for n in task_set if n not in names]: raise ValueError(f"unknown tasks {unknown}; the model's tasks are {names}")
-    return task_set
-
 def _mean_abs_change(lc:dict, la:dict, names:list, w:dict)->float:
     "Mean |sum_i w_i (la_i - lc_i)| over the samples labelled for one of `names` (per-sample losses, NaN if unlabelled)"
     labelled = torch.stack([~lc[n].isnan() for n in names]).any(0)
@@ -185,7 +200,8 @@ def attack_measures(
     tasks, adv_targets = L(tasks), ifnone(adv_targets, targets)
     names = list(tasks.attrgot('name'))
     rows = [(*_split_metric(k, names), v) for k, v in compute_task_metrics(tasks, adv_preds, adv_targets).items()]
-    rows += [(t.name, 'roi', u.double().mean().item() if len(u) else nan) for t in tasks
+    hit = perturbed_rows(tasks, targets, attacked)
+    rows += [(t.name, 'roi', u[hit].double().mean().item() if hit.any() else nan) for t in tasks
              if (u := t.unchanged(clean_preds[t.name], adv_preds[t.name])) is not None]
     lc, la, w = per_sample_losses(tasks, clean_preds, targets), per_sample_losses(tasks, adv_preds, adv_targets), {t.name: float(t.weight) for t in tasks}
     rows += [(n, 'vulnerability', _mean_abs_change(lc, la, [n], w)) for n in names]

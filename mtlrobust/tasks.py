@@ -233,6 +233,14 @@ def prepare(self:Task, table:pd.DataFrame)->pd.DataFrame:
     "`table` with this task's columns, a missing column counting as unlabelled (for evaluating on a user's rows)"
     return table.assign(**{c: None for c in self.cols if c not in table})
 @patch
+def labelled(self:Task, table:pd.DataFrame)->np.ndarray:
+    "Bool per row of `table`: the row carries this task's label (one of its columns is filled)"
+    return np.asarray(table[self.cols].notna().any(axis=1)) if set(self.cols) <= set(table.columns) else np.zeros(len(table), bool)
+@patch
+def sample_scores(self:Task, pred:Tensor, target:Tensor)->pd.DataFrame:
+    "One row per sample of what paired statistics need about the prediction (default: the loss, NaN where unlabelled)"
+    return pd.DataFrame({f'{self.name}_loss': self.sample_losses(pred.float(), target).float().cpu().numpy()})
+@patch
 def prediction(self:Task, decoded:Tensor, probs:Tensor, size:tuple):
     "What `predict` returns for one image of `size` (w, h): the decoded prediction by default"
     return decoded
@@ -278,6 +286,14 @@ def complete(self:ClassificationTask, table):
     inferred = class_vocab(col) if self.cols[0] == 'label' else sorted(col.dropna().astype(str).unique())
     return self if self.vocab else dataclasses.replace(self, vocab=list(inferred))
 @patch
+def sample_scores(self:ClassificationTask, pred, target):
+    "True and predicted class, correctness (NaN where unlabelled) and the probability of each class"
+    y, probs = target.long().view(-1).cpu(), as_probs(pred.float()).cpu()
+    names, ok = np.array(self.vocab, dtype=object), (y >= 0).numpy()
+    res = {f'{self.name}_true': np.where(ok, names[y.clamp_min(0)], None), f'{self.name}_pred': names[probs.argmax(1)],
+           f'{self.name}_correct': np.where(ok, (probs.argmax(1) == y).numpy(), np.nan)}
+    return pd.DataFrame({**res, **{f'{self.name}_p_{c}': probs[:, i].numpy() for i, c in enumerate(self.vocab)}})
+@patch
 def prepare(self:ClassificationTask, table):
     table, c = Task.prepare(self, table), self.cols[0]
     unknown = ~table[c].isin(self.vocab) & table[c].notna()
@@ -316,6 +332,16 @@ def error(self:SegmentationTask, pred, target):
     res[ok] = 1 - iou.mean(1).cpu()
     return res
 @patch
+def sample_scores(self:SegmentationTask, pred, target):
+    "Dice and IoU of each foreground class per image (NaN for an image without a mask)"
+    ok, classes = self.has_label(target).cpu(), list(range(1, pred.shape[1]))
+    dice, iou = segmentation_overlaps(pred[ok], target[ok], classes)
+    res = {}
+    for score, vals in (('dice', dice), ('iou', iou)):
+        for j, c in enumerate(classes):
+            col = np.full(len(pred), np.nan); col[ok.numpy()] = vals[:, j].cpu().numpy(); res[f'{self.name}_{score}_{self.vocab[c]}'] = col
+    return pd.DataFrame(res)
+@patch
 def prediction(self:SegmentationTask, decoded, probs, size):
     return np.asarray(Image.fromarray(decoded.numpy().astype(np.uint8)).resize(size, Image.NEAREST))
 
@@ -336,6 +362,11 @@ class RegressionTask(Task):
     def prepare(self, table): return table.assign(**{c: np.nan for c in self.cols if c not in table})
 
 # %% ../nbs/03_tasks.ipynb #0d7ec3f7
+@patch
+def sample_scores(self:RegressionTask, pred, target):
+    "Predicted and true value of each column"
+    p, t = pred.float().reshape(len(pred), -1).cpu().numpy(), target.float().reshape(len(target), -1).cpu().numpy()
+    return pd.DataFrame({**{f'{self.name}_{c}': p[:, j] for j, c in enumerate(self.cols)}, **{f'{self.name}_{c}_true': t[:, j] for j, c in enumerate(self.cols)}})
 @patch
 def complete(self:RegressionTask, table):
     Task.complete(self, table)

@@ -11,7 +11,7 @@ from fastai.basics import *
 
 # %% auto #0
 __all__ = ['WEIGHTINGS', 'LossWeighting', 'VanillaWeighting', 'UncertaintyWeighting', 'gradnorm_loss', 'GradNormWeighting',
-           'MultiTaskLoss']
+           'rescale_with_floor', 'MultiTaskLoss']
 
 # %% ../nbs/08_weighting.ipynb #7ac883e4
 class LossWeighting(nn.Module):
@@ -65,8 +65,24 @@ class GradNormWeighting(LossWeighting):
     def forward(self, losses, present): return (self.w.detach().clone() * losses).sum() # a copy: `GradNorm` steps `w` in place before backward
     @torch.no_grad()
     def renormalise(self, min_weight:float=1e-3):
-        "Keep the weights positive and summing to the number of tasks"
-        self.w.clamp_(min=min_weight).mul_(len(self.w) / self.w.sum())
+        "Keep the weights summing to the number of tasks, none below `min_weight` (`rescale_with_floor`)"
+        self.w.copy_(rescale_with_floor(self.w, len(self.w), min_weight))
+
+# %% ../nbs/08_weighting.ipynb #3e1f0a42
+def rescale_with_floor(
+    w:Tensor, # (T,) weights
+    total:float, # the sum the weights must have
+    min_weight:float, # the smallest weight allowed; `min_weight * T` must not exceed `total`
+)->Tensor:
+    "max(c w, min_weight), with the scale c that makes the weights sum to `total` (uniform if no weight is positive)"
+    if min_weight * len(w) > total: raise ValueError(f"min_weight={min_weight} is infeasible: {len(w)} weights of at least {min_weight} sum to more than {total}")
+    fixed = w <= 0
+    while not fixed.all():
+        c = (total - min_weight * fixed.sum()) / w[~fixed].sum()
+        low = ~fixed & (c * w < min_weight)
+        if not low.any(): return torch.where(fixed, torch.full_like(w, min_weight), c * w)
+        fixed = fixed | low
+    return torch.full_like(w, total / len(w))
 
 # %% ../nbs/08_weighting.ipynb #a8a72ea9
 WEIGHTINGS = dict(vanilla=VanillaWeighting, uncertainty=UncertaintyWeighting, gradnorm=GradNormWeighting)

@@ -6,21 +6,28 @@ Docs: https://mtlrobust.github.io/mtlrobust/workflow.html.md"""
 
 # %% ../nbs/14_workflow.ipynb #6adf07d0
 from __future__ import annotations
-import json, time, warnings, contextlib
+import os, re, json, time, inspect, difflib, warnings, contextlib
 from pathlib import Path
-import numpy as np, pandas as pd
+import numpy as np, pandas as pd, torch, timm
 from fastcore.all import *
 from fastai.vision.all import set_seed
+from fastai.torch_core import default_device
+from fastai.learner import Learner
 from .core import *
 from .tasks import *
 from .data import *
 from .concepts import add_concepts, CONCEPTS
 from .synth import synth_wbc
+from .models import MultiTaskModel
+from .weighting import WEIGHTINGS
 from .learner import mtl_learner
+try: import psutil # optional: the memory the system can give (without it /proc/meminfo is read)
+except ImportError: psutil = None
 
 # %% auto #0
-__all__ = ['NAMED_TASKS', 'read_data', 'parse_tasks', 'new_run_folder', 'split_for_training', 'train_model', 'evaluate_table',
-           'read_rows', 'run_demo', 'plot_demo']
+__all__ = ['NAMED_TASKS', 'MAX_SIZE', 'read_data', 'parse_tasks', 'output_folder', 'atomic_outputs', 'split_for_training',
+           'check_training_options', 'check_training_rows', 'training_memory', 'available_memory', 'check_memory',
+           'train_model', 'evaluate_table', 'read_rows', 'run_demo', 'plot_demo']
 
 # %% ../nbs/14_workflow.ipynb #6d1a63be
 def read_data(
@@ -29,16 +36,20 @@ def read_data(
     n_synthetic:int=600, # images drawn when data is 'synthetic'
     seed:int=0, # seed of the synthetic images
     size:int=96, # side of the synthetic images
+    bad_files:str='skip', # damaged or unreadable image/mask files: 'skip' them with a warning, or 'raise'
 )->pd.DataFrame:
-    "Sample table of `data` in whatever layout it comes, restricted to `domains`"
+    "Sample table of `data` in whatever layout it comes, restricted to `domains`; never empty"
     if str(data) == 'synthetic':
+        if n_synthetic < 1: raise ValueError(f"--n-synthetic {n_synthetic}: draw at least 1 synthetic image")
         table = synth_wbc(n_synthetic, size=size, domain='A', seed=seed)
     else:
         p = Path(data).expanduser()
-        if p.suffix.lower() == '.csv': table = load_manifest(p)
+        if p.suffix.lower() == '.csv': table = load_manifest(p, bad_files=bad_files)
         elif not p.is_dir(): raise FileNotFoundError(f"DATA {data!r} is neither a folder, a manifest CSV, nor 'synthetic'")
-        elif list(p.glob('Class Labels of *.csv')): table = load_segmentation_wbc(p)
-        else: table = load_pbc(p)
+        elif list(p.glob('Class Labels of *.csv')): table = load_segmentation_wbc(p, bad_files=bad_files)
+        else: table = load_pbc(p, bad_files=bad_files)
+    if not len(table): raise ValueError(f"DATA {data!r} has no readable image; expected images in a folder per class, "
+                                        "in the segmentation_WBC layout, or listed in a manifest's rows")
     return table if domains is None else _keep_domains(table, domains)
 
 # %% ../nbs/14_workflow.ipynb #bb8541d1
@@ -79,15 +90,44 @@ def parse_tasks(
     return table, res
 
 # %% ../nbs/14_workflow.ipynb #bd8c9514
-def new_run_folder(
+def output_folder(
     out:str=None, # requested folder, or None for runs/<command>-<timestamp>
     command:str='train', # used in the default name
 )->Path:
-    "Create and return an empty output folder; refuse one that already holds files"
-    p = Path(out) if out else Path('runs')/f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    "The folder a run writes into, not created yet: `out` or runs/<command>-<timestamp>; refused if it holds files"
+    p = Path(out).expanduser() if out else Path('runs')/f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if p.exists() and not p.is_dir(): raise NotADirectoryError(f"--out {p} is a file; give a new or an empty folder")
     if p.exists() and any(p.iterdir()): raise FileExistsError(f"output folder {p} already holds files; choose another --out")
-    p.mkdir(parents=True, exist_ok=True)
     return p
+
+# %% ../nbs/14_workflow.ipynb #b52e7a02
+def _made_dirs(folder:Path)->list:
+    "Create `folder` with its missing parents; the folders this created, outermost first"
+    made = [p for p in (folder, *folder.parents) if not p.exists()][::-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    return made
+
+@contextlib.contextmanager
+def atomic_outputs(
+    folder, # destination folder (created, with its missing parents, if it does not exist)
+    names:list, # names of the files the block writes in `folder`; none may exist
+)->dict:
+    "Temporary paths (name -> path) for a run's files, renamed to `names` together when the block succeeds; nothing is left on failure"
+    folder, names = Path(folder), list(names)
+    if clash := [str(folder/n) for n in names if (folder/n).exists()]: raise FileExistsError(f"{', '.join(clash)} already exists; choose another --out")
+    made, done = _made_dirs(folder), []
+    tmp = {n: folder/f".{Path(n).stem}.partial-{os.getpid()}{Path(n).suffix}" for n in names}
+    try:
+        yield tmp
+        assert all(p.is_file() for p in tmp.values()), f"the run did not write {[n for n, p in tmp.items() if not p.is_file()]}"
+        for n, p in tmp.items():
+            if (folder/n).exists(): raise FileExistsError(f"{folder/n} appeared while the run was writing; choose another --out")
+            os.replace(p, folder/n); done.append(folder/n)
+    except BaseException:  # KeyboardInterrupt too: remove what this run wrote, and the folders it made if empty
+        for p in (*tmp.values(), *done): p.unlink(missing_ok=True)
+        for d in reversed(made):
+            with contextlib.suppress(OSError): d.rmdir()
+        raise
 
 # %% ../nbs/14_workflow.ipynb #39d21a93
 def split_for_training(table, valid_pct, test_pct, seed):
@@ -101,7 +141,114 @@ def _fit_split(table):
     "`split` column for fitting: test rows serve as the monitored valid set when there is no valid row"
     return table.split.where(table.split != 'test', 'valid') if not (table.split == 'valid').any() else table.split
 
+# %% ../nbs/14_workflow.ipynb #c1e0a002
+def check_training_options(
+    size:int=128, # image side (--size)
+    bs:int=32, # batch size (--bs)
+    epochs:int=30, # epochs (--epochs)
+    lr:float=2e-3, # maximum learning rate (--lr)
+    valid_pct:float=0., # validation share (--valid-pct)
+    test_pct:float=0., # test share (--test-pct)
+    arch:str=None, # timm architecture (--arch); None: not checked
+    weighting=None, # task weighting (--weighting): a name of `WEIGHTINGS` is checked, anything else is not
+):
+    "Refuse out-of-range training options with a `ValueError` naming the option and the range expected"
+    if size < 1: raise ValueError(f"--size {size}: an image side must be at least 1 pixel")
+    if bs < 2: raise ValueError(f"--bs {bs}: a training batch needs at least 2 images (BatchNorm normalises with the batch's statistics)")
+    if epochs < 1: raise ValueError(f"--epochs {epochs}: train for at least 1 epoch")
+    if not lr > 0: raise ValueError(f"--lr {lr}: the learning rate must be positive")
+    for opt, v in (('--valid-pct', valid_pct), ('--test-pct', test_pct)):
+        if not 0 <= v < 1: raise ValueError(f"{opt} {v}: expected a share of the rows, at least 0 and below 1")
+    if valid_pct + test_pct >= 1: raise ValueError(f"--valid-pct {valid_pct} and --test-pct {test_pct} add up to {valid_pct+test_pct:g}, "
+                                                   "leaving no row for training; they must add up to less than 1")
+    if arch is not None and not timm.is_model(arch):
+        near = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        raise ValueError(f"--arch {arch!r} is not a timm architecture" + (f"; did you mean {', '.join(near)}?" if near else " (see timm.list_models())"))
+    if isinstance(weighting, str) and weighting not in WEIGHTINGS: raise ValueError(f"--weighting {weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
+
+# %% ../nbs/14_workflow.ipynb #c1e0a004
+def check_training_rows(
+    table:pd.DataFrame, # sample table with a `split` column
+    tasks:list, # the `Task`s to train
+    bs:int=32, # batch size
+):
+    "Refuse a table with less than one full batch of training rows, or with a task no training row is labelled for"
+    if 'split' not in table: raise ValueError("the table has no `split` column; mark each row train, valid or test (see `split_for_training`)")
+    train = table[table.split == 'train']
+    if len(train) < bs: raise ValueError(f"--bs {bs}: only {len(train)} training rows, fewer than one batch (fastai drops an incomplete batch, "
+                                         f"so nothing would be trained); use a smaller --bs or more data")
+    for t in tasks:
+        if t.labelled(train).any(): continue
+        n = int(t.labelled(table).sum())
+        why = f"its column(s) {t.cols} are empty in all {len(table)} rows" if not n else f"its {n} labelled rows are all in the valid or test split"
+        raise ValueError(f"task {t.name!r} has no labelled training row ({why}); remove it from --tasks or label some training images")
+
+# %% ../nbs/14_workflow.ipynb #c1e0a007
+def _nbytes(tensors)->int: return sum(t.numel()*t.element_size() for t in tensors)
+
+def training_memory(
+    tasks:list, # the tasks (completed, e.g. by `task_spec`): their heads are part of the model
+    arch:str='resnet18', # timm architecture
+    size:int=128, # image side
+    **kwargs, # other `MultiTaskModel` arguments (emb_sizes, decoder_channels ...)
+)->dict:
+    "Training memory of the model at `size`, counted on the meta device: bytes per image, fixed bytes, and the backbone's total stride"
+    kwargs.pop('pretrained', None)  # weights do not change sizes, and the meta device cannot load them
+    with torch.device('meta'): model = MultiTaskModel(arch, tasks, **kwargs).train()
+    params, saved = {id(p) for p in model.parameters()}, {}
+    def keep(t): # each tensor autograd saves for the backward pass, counted once
+        b = t if t._base is None else t._base
+        if id(b) not in params: saved[id(b)] = b
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(torch.empty(2, model.config['in_chans'], size, size, device='meta'))
+    return dict(per_image=_nbytes(saved.values())/2, fixed=4*_nbytes(model.parameters()), stride=model.backbone.feature_info.reduction()[-1])
+
+# %% ../nbs/14_workflow.ipynb #c1e0a010
+MAX_SIZE = 2048  # image sides above this are warned about: backbones are trained at 224-512 px, a blood cell fills ~400
+
+def available_memory(
+    device=None, # torch device training runs on (default: fastai's `default_device()`)
+)->int|None:
+    "Bytes training can still allocate on `device`: free GPU memory, or the RAM the system can give without swapping (None: unknown)"
+    device = torch.device(ifnone(device, default_device()))
+    if device.type == 'cuda': return torch.cuda.mem_get_info(device)[0]
+    if psutil is not None: return psutil.virtual_memory().available
+    with contextlib.suppress(OSError, TypeError): return int(re.search(r'MemAvailable:\s+(\d+) kB', Path('/proc/meminfo').read_text())[1])*1024
+    return None
+
+def _mem(b)->str: return f"{b/2**30:.1f} GiB" if b >= 2**30 else f"{b/2**20:.0f} MiB"
+
+# %% ../nbs/14_workflow.ipynb #c1e0a011
+def check_memory(
+    tasks:list, # the tasks (completed, e.g. by `task_spec`)
+    arch:str='resnet18', # timm architecture
+    size:int=128, # image side
+    bs:int=32, # batch size
+    available:int=None, # bytes available (default: `available_memory()` of fastai's default device)
+    **kwargs, # other `MultiTaskModel` arguments
+)->dict|None:
+    "Warn about an implausible image size for `arch`; refuse a batch whose training needs more memory than is available"
+    try: m = training_memory(tasks, arch, size, **kwargs)
+    except Exception: return None  # not runnable on the meta device: training will show what is wrong
+    if size < m['stride']: warnings.warn(f"--size {size} is smaller than {arch}'s total stride {m['stride']}: its deepest features see less than one pixel; use --size {m['stride']} or more")
+    if size > MAX_SIZE: warnings.warn(f"--size {size} is implausibly large for {arch} (backbones are trained at 224-512 px): check the option")
+    need, avail = m['fixed'] + bs*m['per_image'], ifnone(available, available_memory())
+    if avail is None or need <= avail: return m
+    fit = int((avail - m['fixed'])//m['per_image'])
+    side = int(size*max(avail - m['fixed'], 0)**.5/(2*m['per_image'])**.5)
+    side = side//m['stride']*m['stride'] if side >= m['stride'] else side
+    hint = (f"--bs {fit} would fit" if fit >= 2 else f"even --bs 2 does not fit; --size {side} with --bs 2 would" if side >= 1
+            else f"the model alone does not fit; choose a smaller --arch")
+    raise ValueError(f"--size {size} --bs {bs}: training {arch} needs about {_mem(need)} ({_mem(m['per_image'])} per image, "
+                     f"{_mem(m['fixed'])} for weights, gradients and optimiser state) but {_mem(avail)} of memory is available; {hint}")
+
 # %% ../nbs/14_workflow.ipynb #91fdb008
+def _model_kwargs(kwargs:dict)->dict:
+    "The `MultiTaskModel` arguments among `train_model`'s extra ones (the others are the learner's)"
+    taken = set(inspect.signature(mtl_learner).parameters) | set(inspect.signature(Learner.__init__).parameters)
+    return {k: v for k, v in kwargs.items() if k not in taken}
+
 def train_model(
     table:pd.DataFrame, # sample table with a `split` column
     tasks:list, # `Task`s
@@ -114,9 +261,14 @@ def train_model(
     seed:int=0, # seed of initialisation and batch order
     pretrained:bool=False, # start from timm's pretrained weights
     progress:bool=True, # show fastai's progress bar
+    memory_check:bool=True, # refuse a batch that does not fit in memory (`check_memory`)
     **kwargs, # passed to `mtl_learner`
 ):
-    "A multi-task learner trained with one-cycle on the table's train rows"
+    "A multi-task learner trained with one-cycle on the table's train rows, once the options, rows and memory are checked"
+    check_training_options(size, bs, epochs, lr, arch=arch, weighting=weighting)
+    specs = L(task_spec(table, t) for t in tasks)
+    check_training_rows(table, specs, bs)
+    if memory_check: check_memory(specs, arch, size, bs, **_model_kwargs(kwargs))
     set_seed(seed, reproducible=True)
     dls = mtl_dataloaders(table, tasks=tasks, size=size, bs=bs, split=_fit_split(table), seed=seed)
     learn = mtl_learner(dls, arch=arch, weighting=weighting, pretrained=pretrained, **kwargs)
@@ -140,9 +292,10 @@ def read_rows(
     split:str=None, # keep only rows of this split (manifest with a split column)
     n_synthetic:int=600, # images drawn when DATA is 'synthetic'
     seed:int=1, # seed of the synthetic images
+    bad_files:str='skip', # damaged image/mask files: 'skip' them with a warning, or 'raise'
 )->pd.DataFrame:
     "The rows of `data` to test `learn` on, with concepts measured when the model predicts them"
-    table = read_data(data, domains, n_synthetic, seed)
+    table = read_data(data, domains, n_synthetic, seed, bad_files=bad_files)
     if split:
         if 'split' not in table: raise ValueError(f"--split {split!r}: {data!r} has no split column (give the split.csv of a train run)")
         table = table[table.split == split]

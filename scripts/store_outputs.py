@@ -37,7 +37,7 @@ def shrink(nb_path:Path):
     nb_path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + '\n', encoding='utf-8')
 
 if __name__ == '__main__':
-    flags = ['--flags', 'slow'] if '--slow' in sys.argv else []
+    flags = ['--flags', 'slow', '--cell-timeout', '0'] if '--slow' in sys.argv else []
     nbs = [Path(a).resolve() for a in sys.argv[1:] if a != '--slow'] or library_notebooks()
     for nb in nbs:
         subprocess.run(['nbdev-test', str(nb), '--save', *flags], check=True, cwd=ROOT)

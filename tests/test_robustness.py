@@ -139,7 +139,7 @@ def test_report_takes_attack_factories_and_wgd(learn):
 def test_cli_writes_report_and_refuses_existing_folder(learn, tmp_path):
     learn.export(tmp_path/'model.pkl')
     out = tmp_path/'attack'
-    rep = mtlrobust_attack(str(tmp_path/'model.pkl'), 'synthetic', eps='2/255,8/255', tasks='label', steps=2,
+    rep = mtlrobust_attack(str(tmp_path/'model.pkl'), 'synthetic', trust_pickle=True, eps='2/255,8/255', tasks='label', steps=2,
                            n_synthetic=16, out=str(out))
     fct.test_eq(sorted(p.name for p in out.iterdir()), ['report.csv', 'report.png'])
     csv = pd.read_csv(out/'report.csv')
@@ -148,7 +148,7 @@ def test_cli_writes_report_and_refuses_existing_folder(learn, tmp_path):
     fct.test_close(sorted(csv.eps.unique()), [0., 2/255, 8/255])
     before = (out/'report.csv').read_bytes()
     with pytest.raises(FileExistsError, match='already holds files'):
-        mtlrobust_attack(str(tmp_path/'model.pkl'), 'synthetic', n_synthetic=16, out=str(out))
+        mtlrobust_attack(str(tmp_path/'model.pkl'), 'synthetic', trust_pickle=True, n_synthetic=16, out=str(out))
     fct.test_eq((out/'report.csv').read_bytes(), before)
 
 def test_cli_attacks_a_mixbn_model_through_the_chosen_branch(learn, tmp_path):
@@ -161,7 +161,7 @@ def test_cli_attacks_a_mixbn_model_through_the_chosen_branch(learn, tmp_path):
     for d in dual_bns(mixed.model): d.adv.running_mean.add_(3.)  # adversarial statistics far from the clean ones
     mixed.export(tmp_path/'mixbn.pkl')
     def clean_rows(model, bn):
-        r = mtlrobust_attack(str(tmp_path/model), 'synthetic', attack='fgsm', eps='2/255', tasks='label', n_synthetic=16, out=str(tmp_path/f'{model}-{bn}'), bn=bn)
+        r = mtlrobust_attack(str(tmp_path/model), 'synthetic', trust_pickle=True, attack='fgsm', eps='2/255', tasks='label', n_synthetic=16, out=str(tmp_path/f'{model}-{bn}'), bn=bn)
         return r[r.eps == 0].value.to_numpy()
     plain = clean_rows('plain.pkl', 'clean')
     fct.test_close(clean_rows('mixbn.pkl', 'clean'), plain)
