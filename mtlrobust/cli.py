@@ -6,7 +6,7 @@ Docs: https://mtlrobust.github.io/mtlrobust/cli.html.md"""
 
 # %% ../nbs/20_cli.ipynb #6adf07d0
 from __future__ import annotations
-import sys, json, time, pickle, warnings
+import os, sys, json, time, pickle, warnings, contextlib
 # fastai's import calls `torch.jit.script`, which recent torch deprecates with a FutureWarning on every command
 warnings.filterwarnings('ignore', message=r'`torch\.jit\.script` is deprecated', category=FutureWarning)
 from pathlib import Path
@@ -15,6 +15,7 @@ import numpy as np, pandas as pd, torch
 import matplotlib.pyplot as plt
 from fastcore.all import *
 from fastcore.script import anno_parser
+from fastai.torch_core import num_distrib, rank_distrib
 from .export import save_model, load_model
 from .data import save_manifest, SPLITS
 from .attacks import NORMS
@@ -56,8 +57,11 @@ def mtlrobust_train(
 ):
     "Train a multi-task model; save it (safe format and fastai pickle), the split and metrics.json in a new folder"
     check_training_options(size, bs, epochs, lr, valid_pct, test_pct, arch, weighting)
+    if num_distrib() > 1: process_batch_size(bs, num_distrib())  # --bs must divide among the processes
     folder = output_folder(out, 'train')
-    with atomic_outputs(folder, ('model.json', 'model.safetensors', 'model.pkl', 'split.csv', 'metrics.json')) as dest:
+    writes = not rank_distrib()  # in a launch of several processes, rank 0 alone evaluates, writes and reports
+    outputs = ('model.json', 'model.safetensors', 'model.pkl', 'split.csv', 'metrics.json')
+    with atomic_outputs(folder, outputs) if writes else contextlib.nullcontext() as dest:
         table = read_data(data, domains, n_synthetic, seed, bad_files=bad_files)
         given = 'split' in table and table.split.notna().all()
         table = split_for_training(table, valid_pct, test_pct, seed)
@@ -66,8 +70,9 @@ def mtlrobust_train(
         check_training_rows(table, task_list, bs)
         start = time.time()
         learn = train_model(table, task_list, arch, size, bs, epochs, lr, weighting, seed, pretrained)
+        if not writes: return None
         metrics = evaluate_table(learn, table[table.split == 'test'])
-        report = dict(data=str(data), tasks=tasks, adversarial=adversarial,
+        report = dict(data=str(data), tasks=tasks, adversarial=adversarial, processes=max(num_distrib(), 1),
                       arch=arch, size=size, bs=bs, epochs=epochs, lr=lr, weighting=weighting, seed=seed,
                       n_train=int((table.split == 'train').sum()), n_test=int((table.split == 'test').sum()),
                       train_seconds=round(time.time()-start, 1), test_metrics=metrics)

@@ -20,7 +20,7 @@ from .tasks import *
 __all__ = ['BAD_FILES', 'UNKNOWN_CLASSES', 'SEGWBC_LABELS', 'IMAGE_EXTS', 'SPLITS', 'image_problem', 'readable_image',
            'check_files', 'check_class_names', 'load_segmentation_wbc', 'combine', 'load_pbc', 'load_manifest',
            'save_manifest', 'duplicate_groups', 'split_stratified', 'kfold_splits', 'leave_one_domain_out',
-           'mtl_augmentations', 'mtl_dataloaders', 'dominant_channel_agreement']
+           'mtl_augmentations', 'light_augmentations', 'mtl_dataloaders', 'dominant_channel_agreement']
 
 # %% ../nbs/04_data.ipynb #3f2a6c81
 def _image_check(path)->tuple:
@@ -371,7 +371,17 @@ def mtl_augmentations(
                           max_warp=0., p_affine=p_affine, pad_mode='reflection')
     return tfms + [Hue(max_hue=max_hue), Saturation(max_lighting=max_saturation)]
 
+def light_augmentations(
+    max_lighting:float=0.1, # brightness and contrast change
+)->list:
+    "The eight flips and quarter turns of the image and mask (fastai's `Dihedral`), and a small brightness and contrast change"
+    return aug_transforms(flip_vert=True, max_rotate=0., max_zoom=1., max_lighting=max_lighting, max_warp=0.)
+
 # %% ../nbs/04_data.ipynb #6ba2e0ec
+def _augmentations(aug)->list:
+    "The batch transforms `aug` stands for"
+    return mtl_augmentations() if aug is True else [] if aug is False or aug is None else list(aug)
+
 def _split_idxs(table, split):
     "Train and valid row positions from a `split` column (test rows are left out)"
     if split is None: split = table['split'] if 'split' in table else split_stratified(table)
@@ -387,7 +397,7 @@ def mtl_dataloaders(
     bs:int=32, # batch size
     split=None, # split column ('train'/'valid'/'test'); default: the table's `split`, else `split_stratified`
     vocab:list=None, # class vocabulary of the `label` task (default: `class_vocab` of the table)
-    aug:bool=True, # apply `mtl_augmentations` to training batches
+    aug=True, # training-batch augmentations: True for `mtl_augmentations()`, False for none, or a list of transforms
     resize_method:str='squash', # fastai `Resize` method: 'squash', 'crop' or 'pad'
     batch_tfms:list=None, # extra batch transforms, after the augmentations
     **kwargs # passed to `DataBlock.dataloaders` (num_workers, device, seed ...)
@@ -400,7 +410,7 @@ def mtl_dataloaders(
     train, valid = _split_idxs(table, split)
     dblock = DataBlock(blocks=(ImageBlock, *blocks), getters=[ColReader('image'), *getters], n_inp=1,
                        splitter=lambda _: (train, valid), item_tfms=Resize(size, method=resize_method),
-                       batch_tfms=(mtl_augmentations() if aug else []) + list(batch_tfms or []))
+                       batch_tfms=_augmentations(aug) + list(batch_tfms or []))
     dls = dblock.dataloaders(table.reset_index(drop=True), bs=bs, **kwargs)
     dls.tasks = tasks
     return dls

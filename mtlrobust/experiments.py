@@ -26,8 +26,8 @@ from .export import save_model, load_model
 
 # %% auto #0
 __all__ = ['Config', 'as_config', 'config_settings', 'table_fingerprint', 'SplitPlan', 'FixedSplit', 'KFold', 'LeaveOneDomainOut',
-           'nested_fraction', 'TrainingFractions', 'evaluate_samples', 'model_learner', 'train_run', 'RunFolder',
-           'plan_runs', 'run_grid', 'load_samples', 'mean_interval', 'summarise', 'bootstrap_interval',
+           'nested_fraction', 'TrainingFractions', 'evaluate_samples', 'model_learner', 'config_tasks', 'train_run',
+           'RunFolder', 'plan_runs', 'run_grid', 'load_samples', 'mean_interval', 'summarise', 'bootstrap_interval',
            'paired_bootstrap', 'mcnemar_exact', 'wilcoxon_p', 'holm', 'compare', 'compare_samples', 'format_summary',
            'plot_fractions', 'plot_results']
 
@@ -161,18 +161,27 @@ def model_learner(
     size:int, # image side the model was trained at
 )->MTLLearner:
     "An `MTLLearner` around `model`, to evaluate it like any model of the library"
-    dls = mtl_dataloaders(table.assign(split='valid'), tasks=tasks, size=size, bs=32, aug=False, num_workers=0)
+    # every row a (non-augmented) training row: fastai sets its transforms up on the training rows
+    dls = mtl_dataloaders(table.assign(split='train'), tasks=tasks, size=size, bs=32, aug=False, num_workers=0)
     if not hasattr(model, 'tasks'): model.tasks = dls.tasks
     return MTLLearner(dls, model, loss_func=MultiTaskLoss(dls.tasks))
 
 # %% ../nbs/16_experiments.ipynb #e0000017
+def config_tasks(
+    table:pd.DataFrame, # the run's table (concepts or a random target are added to it when asked for)
+    config:Config, # the configuration
+    seed:int, # seed of a random target
+)->tuple:
+    "(table, tasks) of the configuration: named tasks parsed as `mtlrobust train` parses them, or its `Task`s"
+    return parse_tasks(table, config.tasks, config.adversarial, seed) if isinstance(config.tasks, str) else (table, list(config.tasks))
+
 def train_run(
     table:pd.DataFrame, # table with the run's `split` column (rows with split None already dropped)
     config:Config, # the configuration
     seed:int, # seed of the run
 ):
     "The learner of one run, trained by the configuration's recipe"
-    table, tasks = parse_tasks(table, config.tasks, config.adversarial, seed) if isinstance(config.tasks, str) else (table, list(config.tasks))
+    table, tasks = config_tasks(table, config, seed)
     if config.train is not None: return config.train(table, tasks, seed, config)
     return train_model(table, tasks, config.arch, config.size, config.bs, config.epochs, config.lr, config.weighting, seed,
                        progress=False, **config.options)
@@ -246,8 +255,7 @@ def _check_eval_sets(evals:dict, tasks_cols:list):
 
 def _task_columns(table, config)->list:
     "The columns the configuration's tasks read"
-    _, tasks = parse_tasks(table, config.tasks, config.adversarial, 0) if isinstance(config.tasks, str) else (table, config.tasks)
-    return [c for t in tasks for c in t.cols]
+    return [c for t in config_tasks(table, config, 0)[1] for c in t.cols]
 
 # %% ../nbs/16_experiments.ipynb #e000001d
 def plan_runs(
@@ -276,18 +284,17 @@ def plan_runs(
     return runs
 
 # %% ../nbs/16_experiments.ipynb #e000001e
+@delegates(plan_runs)
 def run_grid(
     table:pd.DataFrame, # sample table
     configs:list, # `Config`s or dicts
-    seeds=(0,), # seeds of every configuration and split
-    plan:SplitPlan=None, # how the table is cut into runs (default: `FixedSplit`)
     evals:dict=None, # name -> table of out-of-distribution rows to evaluate every run on
-    folder='runs/grid', # where runs are cached
     progress:bool=True, # progress bar over the runs
+    **kwargs, # seeds, plan, folder of `plan_runs`
 )->pd.DataFrame:
     "Train and evaluate every run of the grid (cached runs are reused); tidy metrics of every run and evaluation set"
     evals, rows = evals or {}, []
-    runs = plan_runs(table, configs, seeds, plan, evals, folder)
+    runs = plan_runs(table, configs, evals=evals, **kwargs)
     for c, name, seed, extra, run_table, rf in (progress_bar(runs, leave=False) if progress else runs):
         sets = {'test': run_table[run_table.split == 'test'], **evals}
         todo = {k: t for k, t in sets.items() if not (rf.trained and rf.done(k, table_fingerprint(t)))}

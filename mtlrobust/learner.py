@@ -17,9 +17,15 @@ from .data import mtl_dataloaders
 from .models import MultiTaskModel, mtl_splitter
 from .weighting import MultiTaskLoss, GradNormWeighting
 from .callback.training import TaskWeightRecorder, GradientReversalSchedule, GradNorm
+import timm
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+import accelerate, accelerate.utils # fastai trains on several processes through Hugging Face accelerate
+from fastai.distributed import DistributedDL, DistributedTrainer
 
 # %% auto #0
-__all__ = ['MTLSplitter', 'KeepDictPreds', 'MTLLearner', 'mtl_learner', 'TaskInterpretation']
+__all__ = ['MTLSplitter', 'KeepDictPreds', 'MTLLearner', 'mtl_learner', 'TaskInterpretation', 'process_device', 'ShardedDL',
+           'MultiTaskDDP', 'MTLDistributedTrainer']
 
 # %% ../nbs/10_learner.ipynb #1265ca2a
 class MTLSplitter:
@@ -187,3 +193,142 @@ def interpret(
 )->TaskInterpretation:
     "Confusion matrix, most confused classes and report for one classification task"
     return TaskInterpretation(self, ifnone(dl, self.dls[ds_idx]), task)
+
+# %% ../nbs/10_learner.ipynb #5d1a0002
+def process_device()->torch.device:
+    "Join the launch's process group (accelerate's `PartialState`: NCCL on GPUs, gloo on CPUs); the device of this process"
+    cpu = accelerate.utils.parse_flag_from_env('ACCELERATE_USE_CPU') or not torch.cuda.is_available()
+    device = accelerate.PartialState(cpu=cpu).device
+    return torch.device('cpu') if device.type == 'cpu' else device
+
+# %% ../nbs/10_learner.ipynb #5d1a0004
+class ShardedDL(DistributedDL):
+    "fastai's `DistributedDL` on any backend, whose N processes take the N parts of each batch of N x `bs` rows, in rank 0's order"
+    def _broadcast(self, t, rank):
+        "The list of ints `t` of process `rank`, sent to every process (a CUDA tensor for NCCL, a CPU tensor for gloo)"
+        t = LongTensor(t).to(torch.device('cuda', torch.cuda.current_device()) if dist.get_backend() == 'nccl' else 'cpu')
+        dist.broadcast(t, rank)
+        return t.cpu().tolist()
+
+    def __len__(self):
+        full, rest = divmod(self.dl.n, self.world_size*self.dl.bs)
+        return full + int(bool(rest) and not self.dl.drop_last)
+
+    def get_idxs(self):
+        "This process's rows: its part of every batch of N x `bs` rows; the rows left over are dropped, or shared when `drop_last` is False"
+        idxs = self._broadcast(list(self.dl.get_idxs()), 0)  # the order of rank 0, computed by all (sizes must match)
+        bs, step = self.dl.bs, self.world_size*self.dl.bs
+        full = len(idxs)//step*step
+        mine = [i for s in range(0, full, step) for i in idxs[s + self.rank*bs:s + (self.rank+1)*bs]]
+        if (rest := idxs[full:]) and not self.dl.drop_last:
+            k = -(-len(rest)//self.world_size)  # every process takes k of them, the last ones repeating the first
+            mine += (rest*self.world_size)[self.rank*k:(self.rank+1)*k]
+        return mine
+
+# %% ../nbs/10_learner.ipynb #5d1a0009
+class MultiTaskDDP(DistributedDataParallel):
+    "PyTorch's DDP whose eval-mode passes (attacks, validation) are the model's own, and through which the model's attributes are read"
+    def forward(self, *args, **kwargs):
+        return super().forward(*args, **kwargs) if self.training else self.module(*args, **kwargs)
+    def __getattr__(self, name:str):
+        try: return super().__getattr__(name)
+        except AttributeError:
+            if name == 'module': raise
+            return getattr(self.module, name)
+
+# %% ../nbs/10_learner.ipynb #5d1a0014
+def _average(ts):
+    "Average tensors in place across the processes"
+    for t in ts: dist.all_reduce(t); t /= dist.get_world_size()
+
+class MTLDistributedTrainer(DistributedTrainer):
+    "fastai's `DistributedTrainer` for multi-task learners, on GPUs or CPUs: sharded training batches, whole validation, per-process BatchNorm"
+    def __init__(self,
+        sync_bn:bool=False, # synchronise BatchNorm statistics across processes (GPUs only); default: per process
+        find_unused_parameters:bool=True, # let DDP skip parameters a step does not use (MixBN's idle branch)
+        **kwargs, # `accelerate.Accelerator` arguments
+    ):
+        process_device()  # the process group first, with gloo on CPUs
+        handlers = L(kwargs.pop('kwargs_handlers', None))
+        if not any(isinstance(h, accelerate.utils.DistributedDataParallelKwargs) for h in handlers):
+            handlers.append(accelerate.utils.DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters, broadcast_buffers=False))
+        super().__init__(sync_bn, kwargs_handlers=list(handlers), **kwargs)
+
+# %% ../nbs/10_learner.ipynb #5d1a0016
+@patch
+def before_fit(self:MTLDistributedTrainer):
+    if self.sync_bn and self.accelerator.device.type == 'cpu':
+        raise ValueError("sync_bn=True: SyncBatchNorm needs GPUs; on CPUs every process keeps its own BatchNorm statistics (sync_bn=False)")
+    self.learn.model = self.accelerator.prepare(timm.layers.convert_sync_batchnorm(self.model) if self.sync_bn else self.model)
+    if isinstance(self.learn.model, DistributedDataParallel): self.learn.model.__class__ = MultiTaskDDP
+    self.old_dls = list(self.dls)
+    self.learn.dls.loaders = [self._wrap_dl(self.dls.train), *self.old_dls[1:]]
+    if rank_distrib(): self.learn.logger = noop
+
+@patch
+def _wrap_dl(self:MTLDistributedTrainer, dl): return dl if isinstance(dl, DistributedDL) else ShardedDL(dl, device=self.learn.model.device)
+
+@patch
+def _average_buffers(self:MTLDistributedTrainer):
+    "Average the BatchNorm statistics (float buffers) of the processes; other buffers (counts) are rank 0's"
+    model = getattr(self.learn.model, 'module', self.learn.model)
+    with torch.no_grad():
+        for b in model.buffers():
+            if b.is_floating_point(): _average([b])
+            else: dist.broadcast(b, 0)
+
+@patch
+def before_validate(self:MTLDistributedTrainer):
+    "Every process validates on the whole validation set, with the processes' averaged BatchNorm statistics"
+    if isinstance(self.learn.model, DistributedDataParallel): self._average_buffers()  # in a fit (not in a rank's own `get_preds`)
+
+# %% ../nbs/10_learner.ipynb #5d1a0018
+@patch
+def _loss_tensors(self:MTLDistributedTrainer)->tuple:
+    "(parameters of the loss the learner's optimiser trains, [parameters trained otherwise + the loss's float buffers] or [])"
+    lf = self.learn.loss_func
+    if not isinstance(lf, nn.Module): return [], []
+    own = list(getattr(lf, 'optim_params', list)())
+    others = [p for p in lf.parameters() if all(p is not q for q in own)]
+    return own, (others + [b for b in lf.buffers() if b.is_floating_point()] if others else [])
+
+@patch
+def after_backward(self:MTLDistributedTrainer):
+    own, _ = self._loss_tensors()
+    for p in own:
+        if p.grad is None: p.grad = torch.zeros_like(p)
+    _average([p.grad for p in own])
+
+@patch
+def after_batch(self:MTLDistributedTrainer):
+    if self.training:
+        with torch.no_grad(): _average(self._loss_tensors()[1])
+
+@patch
+def after_fit(self:MTLDistributedTrainer):
+    self._average_buffers()  # every process ends with the same model
+    self.learn.model, self.learn.dls.loaders = getattr(self.learn.model, 'module', self.learn.model), self.old_dls
+
+# %% ../nbs/10_learner.ipynb #5d1a0020
+@patch
+@delegates(MTLDistributedTrainer.__init__, keep=True)
+def to_distributed(self:MTLLearner, **kwargs):
+    "Add `MTLDistributedTrainer` (the progress bar is rank 0's)"
+    self.add_cb(MTLDistributedTrainer(**kwargs))
+    if rank_distrib(): self.remove_cb(ProgressCallback)
+    return self
+
+@patch
+@delegates(MTLDistributedTrainer.__init__, keep=True)
+@contextmanager
+def distrib_ctx(self:MTLLearner, **kwargs):
+    "Train on all the processes of the launch inside the block (`MTLDistributedTrainer`); nothing changes in a single process"
+    if num_distrib() <= 1: yield self; return
+    self.to_distributed(**kwargs)
+    try: yield self
+    finally: self.detach_distributed()
+
+@patch
+def to_detach(self:MTLLearner, b, cpu=True, gather=True):
+    "fastai's `to_detach`, gathering from the other processes only what a DataLoader sharded across them gave"
+    return Learner.to_detach(self, b, cpu, gather and isinstance(getattr(self, 'dl', None), DistributedDL))

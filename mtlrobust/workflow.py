@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, torch, timm
 from fastcore.all import *
 from fastai.vision.all import set_seed
-from fastai.torch_core import default_device
+from fastai.torch_core import default_device, num_distrib, rank_distrib
 from fastai.learner import Learner
 from .core import *
 from .tasks import *
@@ -20,14 +20,14 @@ from .concepts import add_concepts, CONCEPTS
 from .synth import synth_wbc
 from .models import MultiTaskModel
 from .weighting import WEIGHTINGS
-from .learner import mtl_learner
+from .learner import mtl_learner, process_device
 try: import psutil # optional: the memory the system can give (without it /proc/meminfo is read)
 except ImportError: psutil = None
 
 # %% auto #0
 __all__ = ['NAMED_TASKS', 'MAX_SIZE', 'read_data', 'parse_tasks', 'output_folder', 'atomic_outputs', 'split_for_training',
            'check_training_options', 'check_training_rows', 'training_memory', 'available_memory', 'check_memory',
-           'train_model', 'evaluate_table', 'read_rows', 'run_demo', 'plot_demo']
+           'process_batch_size', 'train_model', 'evaluate_table', 'read_rows', 'run_demo', 'plot_demo']
 
 # %% ../nbs/14_workflow.ipynb #6d1a63be
 def read_data(
@@ -244,6 +244,21 @@ def check_memory(
                      f"{_mem(m['fixed'])} for weights, gradients and optimiser state) but {_mem(avail)} of memory is available; {hint}")
 
 # %% ../nbs/14_workflow.ipynb #91fdb008
+def process_batch_size(
+    bs:int, # rows of one optimiser step (--bs)
+    n:int, # processes of the launch
+)->int:
+    "Rows each of `n` processes takes of a batch of `bs`: a whole number, at least 2 (BatchNorm)"
+    if bs % n or bs // n < 2:
+        raise ValueError(f"--bs {bs} on {n} processes: each process takes bs/{n} rows of every batch, so bs must be a multiple of {n} "
+                         f"and at least {2*n} (2 rows per process for BatchNorm); try --bs {max(2, -(-bs//n))*n}")
+    return bs // n
+
+def _memory_share(device, n:int)->int|None:
+    "Memory one of `n` processes may use: its GPU's, or its share of the machine's when they run on CPUs (None: one process)"
+    if device is None: return None
+    return available_memory(device) // (n if device.type == 'cpu' else 1)
+
 def _model_kwargs(kwargs:dict)->dict:
     "The `MultiTaskModel` arguments among `train_model`'s extra ones (the others are the learner's)"
     taken = set(inspect.signature(mtl_learner).parameters) | set(inspect.signature(Learner.__init__).parameters)
@@ -262,18 +277,23 @@ def train_model(
     pretrained:bool=False, # start from timm's pretrained weights
     progress:bool=True, # show fastai's progress bar
     memory_check:bool=True, # refuse a batch that does not fit in memory (`check_memory`)
+    aug=True, # training augmentations of `mtl_dataloaders`: True (`mtl_augmentations`), False, or a list of transforms
     **kwargs, # passed to `mtl_learner`
 ):
-    "A multi-task learner trained with one-cycle on the table's train rows, once the options, rows and memory are checked"
+    "A multi-task learner trained with one-cycle on the table's train rows (on every process of a launch), once the options, rows and memory are checked"
     check_training_options(size, bs, epochs, lr, arch=arch, weighting=weighting)
     specs = L(task_spec(table, t) for t in tasks)
     check_training_rows(table, specs, bs)
-    if memory_check: check_memory(specs, arch, size, bs, **_model_kwargs(kwargs))
+    n, dl_kw = num_distrib(), {}
+    if n > 1: bs, dl_kw = process_batch_size(bs, n), dict(device=process_device())
+    if memory_check: check_memory(specs, arch, size, bs, available=_memory_share(dl_kw.get('device'), n), **_model_kwargs(kwargs))
     set_seed(seed, reproducible=True)
-    dls = mtl_dataloaders(table, tasks=tasks, size=size, bs=bs, split=_fit_split(table), seed=seed)
+    dls = mtl_dataloaders(table, tasks=tasks, size=size, bs=bs, split=_fit_split(table), seed=seed, aug=aug, **dl_kw)
     learn = mtl_learner(dls, arch=arch, weighting=weighting, pretrained=pretrained, **kwargs)
+    if n > 1 and rank_distrib(): set_seed(seed + rank_distrib(), reproducible=True)  # own augmentations and dropout
     if not progress: learn.remove_cb(learn.progress) if hasattr(learn, 'progress') else None
-    with learn.no_logging() if not progress else contextlib.nullcontext(): learn.fit_one_cycle(epochs, lr)
+    with learn.distrib_ctx(find_unused_parameters=bool(L(kwargs.get('cbs')))), learn.no_logging() if not progress else contextlib.nullcontext():
+        learn.fit_one_cycle(epochs, lr)
     return learn
 
 # %% ../nbs/14_workflow.ipynb #f61f9cfa
