@@ -18,18 +18,18 @@ from fastcore.all import *
 from fastprogress.fastprogress import progress_bar
 from .core import *
 from .tasks import Task, task_metrics
-from .data import SPLITS, kfold_splits, leave_one_domain_out, mtl_dataloaders
+from .data import SPLITS, split_stratified, kfold_splits, leave_one_domain_out, mtl_dataloaders
 from .weighting import MultiTaskLoss
 from .learner import MTLLearner
 from .workflow import parse_tasks, train_model, split_for_training
 from .export import save_model, load_model
 
 # %% auto #0
-__all__ = ['Config', 'as_config', 'config_settings', 'table_fingerprint', 'SplitPlan', 'FixedSplit', 'KFold', 'LeaveOneDomainOut',
-           'nested_fraction', 'TrainingFractions', 'evaluate_samples', 'model_learner', 'config_tasks', 'train_run',
-           'RunFolder', 'plan_runs', 'run_grid', 'load_samples', 'mean_interval', 'summarise', 'bootstrap_interval',
-           'paired_bootstrap', 'mcnemar_exact', 'wilcoxon_p', 'holm', 'compare', 'compare_samples', 'format_summary',
-           'plot_fractions', 'plot_results']
+__all__ = ['Config', 'as_config', 'config_settings', 'table_fingerprint', 'SplitPlan', 'FixedSplit', 'SeededSplit', 'KFold',
+           'LeaveOneDomainOut', 'nested_fraction', 'TrainingFractions', 'evaluate_samples', 'model_learner',
+           'config_tasks', 'train_run', 'RunFolder', 'plan_runs', 'run_grid', 'load_samples', 'mean_interval',
+           'summarise', 'bootstrap_interval', 'paired_bootstrap', 'mcnemar_exact', 'wilcoxon_p', 'holm', 'compare',
+           'compare_samples', 'format_summary', 'plot_fractions', 'plot_results']
 
 # %% ../nbs/16_experiments.ipynb #e0000008
 @dataclass
@@ -92,6 +92,12 @@ class FixedSplit(SplitPlan):
     def splits(self, table, seed):
         if 'split' not in table: raise ValueError("FixedSplit needs a `split` column in the table (train/valid/test)")
         return [('fixed', table['split'], {})]
+
+class SeededSplit(SplitPlan):
+    "A stratified split drawn by each run's seed, as `mtlrobust train --seed` draws it (`data.split_stratified`)"
+    def __init__(self, valid_pct:float=0., test_pct:float=0.2): store_attr()
+    def splits(self, table, seed):
+        return [('seeded', split_stratified(table, valid_pct=self.valid_pct, test_pct=self.test_pct, seed=seed), {})]
 
 class KFold(SplitPlan):
     "k stratified folds with duplicates kept together (`data.kfold_splits`), the same for every seed"
