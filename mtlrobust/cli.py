@@ -17,7 +17,7 @@ from fastcore.all import *
 from fastcore.script import anno_parser
 from fastai.torch_core import num_distrib, rank_distrib
 from .export import save_model, load_model
-from .data import save_manifest, SPLITS
+from .data import save_manifest, SPLITS, mtl_augmentations, HEDJitter
 from .attacks import NORMS
 from .callback.adversarial import check_bn_branch, bn_branch
 from .robustness import ATTACKS, robustness_report, plot_robustness
@@ -43,20 +43,23 @@ def mtlrobust_train(
     domains:str=None, # comma-separated domains to train and test on (default: all)
     arch:str='resnet18', # timm architecture
     size:int=128, # image side in pixels
-    bs:int=32, # batch size (at least 2)
-    epochs:int=30, # epochs
-    lr:float=2e-3, # maximum learning rate (one-cycle)
+    bs:int=RECIPE['bs'], # batch size (at least 2)
+    epochs:int=RECIPE['epochs'], # epochs
+    lr:float=RECIPE['lr'], # maximum learning rate (one-cycle)
     weighting:str='vanilla', # vanilla, uncertainty or gradnorm
     valid_pct:float=0., # validation share (0: the test split is monitored, no model selection)
     test_pct:float=0.2, # test share (stratified, duplicates kept together)
     seed:int=0, # random seed (split, initialisation, batches)
     pretrained:bool=False, # start from timm's pretrained weights
+    stain_norm:str=None, # normalise every image's stain to the training images': reinhard or macenko (kept in the saved model)
+    hed_jitter:float=0., # add HED stain augmentation of this range (Tellez et al.: 0.05 light, 0.2 strong); 0: none
+    grey:bool=False, # grey-level input: the model cannot use colour
     n_synthetic:int=600, # images drawn when DATA is 'synthetic'
     bad_files:str='skip', # damaged or unreadable image/mask files: skip (with a warning naming them) or raise
     out:str=None, # output folder (must be new or empty)
 ):
     "Train a multi-task model; save it (safe format and fastai pickle), the split and metrics.json in a new folder"
-    check_training_options(size, bs, epochs, lr, valid_pct, test_pct, arch, weighting)
+    check_training_options(size, bs, epochs, lr, valid_pct, test_pct, arch, weighting, stain_norm, hed_jitter)
     if num_distrib() > 1: process_batch_size(bs, num_distrib())  # --bs must divide among the processes
     folder = output_folder(out, 'train')
     writes = not rank_distrib()  # in a launch of several processes, rank 0 alone evaluates, writes and reports
@@ -69,11 +72,14 @@ def mtlrobust_train(
         table, task_list = parse_tasks(table, tasks, adversarial, seed)
         check_training_rows(table, task_list, bs)
         start = time.time()
-        learn = train_model(table, task_list, arch, size, bs, epochs, lr, weighting, seed, pretrained)
+        aug = mtl_augmentations() + [HEDJitter(hed_jitter, hed_jitter)] if hed_jitter else True
+        learn = train_model(table, task_list, arch, size, bs, epochs, lr, weighting, seed, pretrained, aug=aug, stain=stain_norm,
+                            **({'grey': True} if grey else {}))
         if not writes: return None
         metrics = evaluate_table(learn, table[table.split == 'test'])
         report = dict(data=str(data), tasks=tasks, adversarial=adversarial, processes=max(num_distrib(), 1),
                       arch=arch, size=size, bs=bs, epochs=epochs, lr=lr, weighting=weighting, seed=seed,
+                      stain_norm=stain_norm, hed_jitter=hed_jitter, grey=grey,
                       n_train=int((table.split == 'train').sum()), n_test=int((table.split == 'test').sum()),
                       train_seconds=round(time.time()-start, 1), test_metrics=metrics)
         save_model(learn, folder, name=dest['model.json'].stem, size=size)

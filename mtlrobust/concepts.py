@@ -15,13 +15,17 @@ from skimage.feature import graycomatrix, graycoprops
 from skimage.measure import regionprops
 from skimage.util import img_as_float
 from fastcore.meta import delegates
+from sklearn.pipeline import make_pipeline
+from sklearn.impute import SimpleImputer
+from sklearn.preprocessing import StandardScaler
+from sklearn.linear_model import LogisticRegression
 from fastcore.parallel import parallel
 from .core import read_mask, MASK_IGNORE, concept_columns
 
 # %% auto #0
-__all__ = ['CONCEPTS', 'GLCM_ANGLES', 'area_fractions', 'nucleus_lobes', 'nucleus_shape', 'nucleus_texture', 'cell_colour',
-           'measure_concepts', 'add_concepts', 'train_rows', 'concept_stats', 'apply_concept_stats',
-           'standardise_concepts']
+__all__ = ['CONCEPTS', 'GLCM_ANGLES', 'SHAPE_CONCEPTS', 'area_fractions', 'nucleus_lobes', 'nucleus_shape', 'nucleus_texture',
+           'cell_colour', 'measure_concepts', 'add_concepts', 'train_rows', 'concept_stats', 'apply_concept_stats',
+           'standardise_concepts', 'mask_shapes', 'shape_classifier']
 
 # %% ../nbs/05_concepts.ipynb #0711f4d4
 CONCEPTS = ['nucleus_area', 'cytoplasm_area', 'nucleus_cell_ratio', 'nucleus_lobes', 'nucleus_solidity',
@@ -184,3 +188,23 @@ def standardise_concepts(
 )->pd.DataFrame:
     "A copy of `table` with concepts at zero mean and unit std on the training rows; statistics in `attrs['concept_stats']`"
     return apply_concept_stats(table, concept_stats(table, train, cols))
+
+# %% ../nbs/05_concepts.ipynb #f00d0502
+SHAPE_CONCEPTS = ['nucleus_cell_ratio', 'nucleus_lobes', 'nucleus_solidity', 'nucleus_eccentricity']
+
+def mask_shapes(
+    masks, # (N, H, W) class indices (0 background, 1 cytoplasm, 2 nucleus), array or tensor
+    min_lobe:float=0.02, # nucleus pieces smaller than this fraction of its area are specks, not lobes
+)->pd.DataFrame:
+    "The `SHAPE_CONCEPTS` of each mask, one row per mask (NaN where a mask has no nucleus or no cell)"
+    rows = []
+    for m in np.asarray(masks):
+        nucleus = m == 2
+        rows.append(dict(nucleus_cell_ratio=area_fractions(m)['nucleus_cell_ratio'], nucleus_lobes=nucleus_lobes(nucleus, min_lobe), **nucleus_shape(nucleus)))
+    return pd.DataFrame(rows, columns=SHAPE_CONCEPTS, dtype=float)
+
+def shape_classifier(
+    C:float=1., # inverse regularisation strength of the logistic regression
+):
+    "scikit-learn pipeline classifying cells from their `SHAPE_CONCEPTS`: impute, standardise, balanced logistic regression"
+    return make_pipeline(SimpleImputer(strategy='median'), StandardScaler(), LogisticRegression(C=C, class_weight='balanced', max_iter=2000))

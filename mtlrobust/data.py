@@ -6,21 +6,26 @@ Docs: https://mtlrobust.github.io/mtlrobust/data.html.md"""
 
 # %% ../nbs/04_data.ipynb #b00864bd
 from __future__ import annotations
-import os, warnings, dataclasses
+import os, math, warnings, dataclasses
 from pathlib import Path
 from dataclasses import dataclass, field
 import numpy as np, pandas as pd
 from PIL import Image, UnidentifiedImageError
 from fastcore.all import *
 from fastai.vision.all import *
+from torchvision.transforms.v2 import functional as tvF
+from skimage.color import hed_from_rgb, rgb_from_hed
+from torchstain.numpy.normalizers import NumpyReinhardNormalizer, NumpyMacenkoNormalizer
 from .core import *
 from .tasks import *
 
 # %% auto #0
-__all__ = ['BAD_FILES', 'UNKNOWN_CLASSES', 'SEGWBC_LABELS', 'IMAGE_EXTS', 'SPLITS', 'image_problem', 'readable_image',
-           'check_files', 'check_class_names', 'load_segmentation_wbc', 'combine', 'load_pbc', 'load_manifest',
-           'save_manifest', 'duplicate_groups', 'split_stratified', 'kfold_splits', 'leave_one_domain_out',
-           'mtl_augmentations', 'light_augmentations', 'mtl_dataloaders', 'dominant_channel_agreement']
+__all__ = ['BAD_FILES', 'UNKNOWN_CLASSES', 'SEGWBC_LABELS', 'IMAGE_EXTS', 'SPLITS', 'STAIN_NORMALIZERS', 'image_problem',
+           'readable_image', 'check_files', 'check_class_names', 'load_segmentation_wbc', 'combine', 'load_pbc',
+           'load_manifest', 'save_manifest', 'duplicate_groups', 'split_stratified', 'kfold_splits',
+           'leave_one_domain_out', 'mtl_augmentations', 'light_augmentations', 'mtl_dataloaders',
+           'dominant_channel_agreement', 'rgb_to_hed', 'hed_to_rgb', 'HEDJitter', 'RandomBlur', 'StainNormalize',
+           'ReinhardNormalize', 'MacenkoNormalize', 'stain_from_record', 'fit_stain']
 
 # %% ../nbs/04_data.ipynb #3f2a6c81
 def _image_check(path)->tuple:
@@ -361,13 +366,14 @@ def leave_one_domain_out(
 def mtl_augmentations(
     max_rotate:float=180., # cells have no up: any rotation is plausible
     max_zoom:float=1.1, # random zoom in up to this factor
+    min_zoom:float=1., # random zoom out down to this factor (below 1: cells of another scale, reflection-padded)
     max_lighting:float=0.2, # brightness and contrast change
     max_hue:float=0.05, # hue shift (stain variation)
     max_saturation:float=0.2, # saturation change (stain variation)
     p_affine:float=0.75, # probability of the spatial transform
 )->list:
     "Joint spatial (image + mask) and colour (image only) batch augmentations"
-    tfms = aug_transforms(flip_vert=True, max_rotate=max_rotate, max_zoom=max_zoom, max_lighting=max_lighting,
+    tfms = aug_transforms(flip_vert=True, max_rotate=max_rotate, min_zoom=min_zoom, max_zoom=max_zoom, max_lighting=max_lighting,
                           max_warp=0., p_affine=p_affine, pad_mode='reflection')
     return tfms + [Hue(max_hue=max_hue), Saturation(max_lighting=max_saturation)]
 
@@ -399,6 +405,7 @@ def mtl_dataloaders(
     vocab:list=None, # class vocabulary of the `label` task (default: `class_vocab` of the table)
     aug=True, # training-batch augmentations: True for `mtl_augmentations()`, False for none, or a list of transforms
     resize_method:str='squash', # fastai `Resize` method: 'squash', 'crop' or 'pad'
+    item_tfms:list=None, # extra item transforms of every split, after the resize (e.g. a `StainNormalize`)
     batch_tfms:list=None, # extra batch transforms, after the augmentations
     **kwargs # passed to `DataBlock.dataloaders` (num_workers, device, seed ...)
 )->DataLoaders:
@@ -409,7 +416,7 @@ def mtl_dataloaders(
     blocks, getters = tasks.map(Self.block()), tasks.map(Self.getter())
     train, valid = _split_idxs(table, split)
     dblock = DataBlock(blocks=(ImageBlock, *blocks), getters=[ColReader('image'), *getters], n_inp=1,
-                       splitter=lambda _: (train, valid), item_tfms=Resize(size, method=resize_method),
+                       splitter=lambda _: (train, valid), item_tfms=[Resize(size, method=resize_method), *(item_tfms or [])],
                        batch_tfms=_augmentations(aug) + list(batch_tfms or []))
     dls = dblock.dataloaders(table.reset_index(drop=True), bs=bs, **kwargs)
     dls.tasks = tasks
@@ -424,3 +431,120 @@ def dominant_channel_agreement(
     dominant = x.argmax(1)  # 0 red, 1 green, 2 blue
     expected = torch.tensor([1, 0, 2], device=y.device)[y.long().clamp(0, 2)]
     return (dominant == expected).float().mean().item()
+
+# %% ../nbs/04_data.ipynb #f00d0002
+_LOG_FLOOR = float(np.log(1e-6))  # scikit-image's floor of the optical density
+
+def rgb_to_hed(x:Tensor)->Tensor:
+    "Haematoxylin, eosin and DAB amounts (N, 3, H, W) of images in [0, 1], as scikit-image's `rgb2hed` (without its clamp at 0)"
+    return torch.einsum('nchw,cd->ndhw', torch.log(x.clamp_min(1e-6)) / _LOG_FLOOR, x.new_tensor(hed_from_rgb))
+
+def hed_to_rgb(hed:Tensor)->Tensor:
+    "Images in [0, 1] from stain amounts (N, 3, H, W): scikit-image's `hed2rgb`, the inverse of `rgb_to_hed`"
+    return torch.exp(torch.einsum('ndhw,dc->nchw', hed * _LOG_FLOOR, hed.new_tensor(rgb_from_hed))).clamp(0, 1)
+
+# %% ../nbs/04_data.ipynb #f00d0006
+class HEDJitter(RandTransform):
+    "Stain augmentation (Tellez et al. 2019): each training image's H, E and D amounts scaled by U(1-`sigma`, 1+`sigma`) and shifted by U(-`bias`, `bias`)"
+    order, split_idx = 15, 0  # on float images (after `IntToFloatTensor`), training batches only
+    def __init__(self,
+        sigma:float=0.05, # scale range; Tellez's 'HED-light' is 0.05, 'HED-strong' 0.2
+        bias:float=0.05, # shift range, in scikit-image's stain units
+        p:float=1., # probability of jittering a batch
+    ): store_attr('sigma,bias'); super().__init__(p=p)
+    def before_call(self, b, split_idx):
+        super().before_call(b, split_idx)
+        n = find_bs(b)
+        self.scale, self.shift = 1 + torch.empty(n, 3, 1, 1).uniform_(-self.sigma, self.sigma), torch.empty(n, 3, 1, 1).uniform_(-self.bias, self.bias)
+    def encodes(self, x:TensorImage): return hed_to_rgb(rgb_to_hed(x) * self.scale.to(x) + self.shift.to(x))
+
+# %% ../nbs/04_data.ipynb #f00d0013
+class RandomBlur(RandTransform):
+    "Gaussian blur of training images (each with probability `p_image`) with a standard deviation drawn from U(0, `max_sigma`) pixels"
+    order, split_idx = 16, 0  # on float images, training batches only
+    def __init__(self,
+        max_sigma:float=1.5, # largest standard deviation, in pixels
+        p_image:float=0.5, # probability of blurring each image
+    ): store_attr(); super().__init__(p=1.)
+    def before_call(self, b, split_idx):
+        super().before_call(b, split_idx)
+        n = find_bs(b)
+        self.sigmas = torch.rand(n) * self.max_sigma * (torch.rand(n) < self.p_image)
+    def encodes(self, x:TensorImage):
+        k = 2 * math.ceil(3 * self.max_sigma) + 1
+        return torch.stack([tvF.gaussian_blur(xi, [k, k], [float(s)] * 2) if s > 0.05 else xi for xi, s in zip(x, self.sigmas)])
+
+# %% ../nbs/04_data.ipynb #f00d000b
+class StainNormalize(Transform):
+    "Item transform normalising each image's stain (not masks) to a reference measured by `fit`; subclasses wrap a torchstain normaliser"
+    order, method = 2, None # after `Resize` (1), before `ToTensor` (5); the name saved models record
+    def __init__(self, **reference): self.reference, self.skipped = {k: np.asarray(v, dtype=np.float64) for k, v in reference.items()}, 0
+    def encodes(self, x:PILImage)->PILImage: return PILImage.create(self.normalize(np.asarray(x.convert('RGB'))))
+    def record(self)->dict: return dict(method=self.method, **{k: v.tolist() for k, v in self.reference.items()})
+
+@patch(cls_method=True)
+def fit(cls:StainNormalize,
+    images:list, # image files or arrays (H, W, 3), e.g. a few dozen training images
+    size:int=128, # each is resized to size x size before pooling
+):
+    "A normaliser to the pooled stain of `images`"
+    if not len(images): raise ValueError(f"{cls.__name__}.fit needs at least one image")
+    return cls(**cls.measure(np.concatenate([np.asarray(PILImage.create(f).convert('RGB').resize((size, size))) for f in images], axis=1)))
+
+@patch
+def normalize(self:StainNormalize, img:np.ndarray)->np.ndarray:
+    "`img` (H, W, 3 uint8) with the reference stain; unchanged (and counted in `skipped`) where the method fails on it"
+    try:
+        with np.errstate(all='raise'): return self.apply(img)
+    except (FloatingPointError, ValueError, IndexError, np.linalg.LinAlgError):
+        if not self.skipped: warnings.warn(f"{type(self).__name__}: an image of {img.shape[1]}x{img.shape[0]} px could not be normalised "
+                                           "(too little stain to measure); it and any such later image pass unchanged, counted in `skipped`")
+        self.skipped += 1
+        return img
+
+# %% ../nbs/04_data.ipynb #f00d000c
+class ReinhardNormalize(StainNormalize):
+    "Reinhard et al. (2001): each LAB channel of an image standardised, then given the reference's mean and standard deviation"
+    method = 'reinhard'
+    @staticmethod
+    def measure(mosaic)->dict: n = NumpyReinhardNormalizer(); n.fit(mosaic); return dict(means=n.target_means, stds=n.target_stds)
+    def apply(self, img):
+        n = NumpyReinhardNormalizer(); n.target_means, n.target_stds = self.reference['means'], self.reference['stds']
+        return n.normalize(img)
+
+def _light(mosaic)->float:
+    "Transmitted light intensity: the brightness (mean over channels) of the brightest 1 % of pixels"
+    return float(max(np.percentile(mosaic.mean(-1), 99), 1.))
+
+class MacenkoNormalize(StainNormalize):
+    "Macenko et al. (2009): each image's stain vectors and concentrations estimated in optical density, recomposed with the reference's"
+    method = 'macenko'
+    @staticmethod
+    def measure(mosaic)->dict:
+        n, light = NumpyMacenkoNormalizer(), _light(mosaic); n.fit(mosaic, Io=light)
+        return dict(stains=n.HERef, max_concentrations=n.maxCRef, light=light)
+    def apply(self, img):
+        n = NumpyMacenkoNormalizer(); n.HERef, n.maxCRef = self.reference['stains'], self.reference['max_concentrations']
+        return n.normalize(img, Io=float(self.reference['light']), stains=False)[0]
+
+STAIN_NORMALIZERS = {c.method: c for c in (ReinhardNormalize, MacenkoNormalize)}
+
+def stain_from_record(
+    rec:dict, # a `StainNormalize.record()`
+)->StainNormalize:
+    "The normaliser `rec` describes"
+    if (m := rec.get('method')) not in STAIN_NORMALIZERS: raise ValueError(f"stain normalisation {m!r} is unknown; expected one of {list(STAIN_NORMALIZERS)}")
+    return STAIN_NORMALIZERS[m](**{k: v for k, v in rec.items() if k != 'method'})
+
+def fit_stain(
+    table:pd.DataFrame, # sample table with a `split` column
+    method:str, # a name of `STAIN_NORMALIZERS`: 'reinhard' or 'macenko'
+    n:int=32, # training images pooled (drawn at random when there are more)
+    size:int=128, # side each is resized to
+    seed:int=0, # seed of the draw
+)->StainNormalize:
+    "A stain normaliser of `method` fitted on up to `n` training images of `table` (never on validation or test rows)"
+    if method not in STAIN_NORMALIZERS: raise ValueError(f"stain normalisation {method!r}: expected one of {', '.join(STAIN_NORMALIZERS)}")
+    train = table.image[table.split == 'train'] if 'split' in table else table.image
+    if not len(train): raise ValueError("fit_stain: the table has no training rows to measure the reference stain on")
+    return STAIN_NORMALIZERS[method].fit(train.sample(min(n, len(train)), random_state=seed).tolist(), size)

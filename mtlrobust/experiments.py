@@ -21,7 +21,7 @@ from .tasks import Task, task_metrics
 from .data import SPLITS, split_stratified, kfold_splits, leave_one_domain_out, mtl_dataloaders
 from .weighting import MultiTaskLoss
 from .learner import MTLLearner
-from .workflow import parse_tasks, train_model, split_for_training
+from .workflow import parse_tasks, train_model, split_for_training, RECIPE
 from .export import save_model, load_model
 
 # %% auto #0
@@ -40,9 +40,9 @@ class Config:
     adversarial:str=None # comma-separated columns predicted through gradient reversal
     arch:str='resnet18' # timm architecture
     size:int=128 # image side
-    bs:int=32 # batch size
-    epochs:int=30 # epochs of one-cycle training
-    lr:float=2e-3 # maximum learning rate
+    bs:int=RECIPE['bs'] # batch size
+    epochs:int=RECIPE['epochs'] # epochs of one-cycle training
+    lr:float=RECIPE['lr'] # maximum learning rate
     weighting:str='vanilla' # task weighting
     train:Callable=None # another recipe: train(table, tasks, seed, config) -> learner (default: `workflow.train_model`)
     options:dict=field(default_factory=dict) # more keywords for `train_model` and `mtl_learner`

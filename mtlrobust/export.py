@@ -18,7 +18,7 @@ from fastcore.all import *
 from fastai.vision.all import Resize, AffineCoordTfm, DataLoaders, default_device, load_learner
 from .core import *
 from .tasks import Task
-from .data import mtl_dataloaders
+from .data import mtl_dataloaders, StainNormalize, stain_from_record
 from .models import MultiTaskModel
 from .weighting import WEIGHTINGS
 from .learner import mtl_learner, MTLLearner
@@ -90,9 +90,11 @@ def task_from_record(
 def input_of(
     dls:DataLoaders, # DataLoaders of a learner (those of a pickled learner too: `export` keeps the transforms)
 )->dict|None:
-    "The test-time `Resize` of `dls` as {size: [h, w], resize_method, pad_mode}, None if it has none"
-    for f in dls.valid.after_item.fs:
-        if isinstance(f, Resize): return dict(size=[int(f.size[1]), int(f.size[0])], resize_method=str(f.method), pad_mode=str(f.pad_mode))
+    "The test-time `Resize` of `dls` as {size: [h, w], resize_method, pad_mode}, with the `StainNormalize` record as `stain` if any; None without a `Resize`"
+    fs = dls.valid.after_item.fs
+    stain = {'stain': f.record() for f in fs if isinstance(f, StainNormalize)}
+    for f in fs:
+        if isinstance(f, Resize): return dict(size=[int(f.size[1]), int(f.size[0])], resize_method=str(f.method), pad_mode=str(f.pad_mode), **stain)
     return None
 
 # %% ../nbs/15_export.ipynb #221e104a
@@ -147,6 +149,7 @@ def empty_dataloaders(
     pad_mode:str='reflection', # how `Resize` pads with method 'pad'
     bs:int=64, # default batch size of `test_dl`
     device=None, # device of the batches (default: fastai's `default_device()`)
+    stain:dict=None, # the `StainNormalize.record` of a model trained on stain-normalised images
 )->DataLoaders:
     "DataLoaders of `tasks` holding no rows, with the test-time transforms: what `test_dl` and `predict` need"
     h, w = (size, size) if isinstance(size, int) else size
@@ -154,7 +157,8 @@ def empty_dataloaders(
         Image.new('RGB', (w, h)).save(img := Path(d)/'placeholder.png')
         table = pd.DataFrame({'image': [str(img)]*2, 'split': ['train', 'valid']})
         for t in tasks: table = t.prepare(table)
-        try: dls = mtl_dataloaders(table, tasks=list(tasks), size=(h, w), bs=bs, aug=False, resize_method=resize_method, device=device)
+        try: dls = mtl_dataloaders(table, tasks=list(tasks), size=(h, w), bs=bs, aug=False, resize_method=resize_method, device=device,
+                                  item_tfms=[stain_from_record(stain)] if stain else None)
         except Exception as e: raise ValueError(f"no DataLoaders for tasks {[t.name for t in tasks]} from an unlabelled row ({e!r}): "
                                                 "a task's `prepare` must make a missing column unlabelled") from e
         res = dls.new_empty()
@@ -182,7 +186,7 @@ def learner_from_description(
 )->MTLLearner:
     "An `MTLLearner` with `desc`'s tasks, architecture, MixBN, weighting and test transforms; its weights are not loaded"
     tasks, inp, cfg = [task_from_record(r, where) for r in desc['tasks']], desc['input'], _checked_config(desc['model'], where)
-    dls = empty_dataloaders(tasks, inp['size'], inp['resize_method'], inp.get('pad_mode', 'reflection'), desc.get('batch_size', 64), device)
+    dls = empty_dataloaders(tasks, inp['size'], inp['resize_method'], inp.get('pad_mode', 'reflection'), desc.get('batch_size', 64), device, inp.get('stain'))
     wt = desc.get('weighting') or {}
     learn = mtl_learner(dls, tasks=tasks, arch=cfg.pop('arch'), weighting=wt.get('name') or 'vanilla', pretrained=False, path=path, **cfg)
     if desc.get('mixbn'): convert_to_mixbn(learn.model)

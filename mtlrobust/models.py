@@ -16,7 +16,7 @@ from .core import *
 from .tasks import Task, GradientReversal, classification_task, segmentation_task
 
 # %% auto #0
-__all__ = ['SHARED_PARTS', 'PixelNormalize', 'backbone_stats', 'timm_backbone', 'shared_embedding', 'UNetDecoder',
+__all__ = ['SHARED_PARTS', 'PixelNormalize', 'Greyscale', 'backbone_stats', 'timm_backbone', 'shared_embedding', 'UNetDecoder',
            'MultiTaskModel', 'mtl_splitter', 'classifier_model', 'unet_model']
 
 # %% ../nbs/07_models.ipynb #327ce69a
@@ -32,6 +32,15 @@ class PixelNormalize(nn.Module):
     def forward(self, x:Tensor)->Tensor: return (x - self.mean)/self.std
     def decode(self, x:Tensor)->Tensor: return x*self.std + self.mean
     def extra_repr(self): return f'mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}'
+
+# %% ../nbs/07_models.ipynb #f00d0701
+class Greyscale(nn.Module):
+    "Grey-level images: each pixel's luma (ITU-R BT.601, PIL's 'L' mode) in every channel"
+    def __init__(self, in_chans:int=3):
+        super().__init__()
+        if in_chans != 3: raise ValueError(f"grey-level input converts RGB images: in_chans must be 3, got {in_chans}")
+        self.register_buffer('weights', torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1), persistent=False)  # not in saved weights
+    def forward(self, x:Tensor)->Tensor: return (x * self.weights).sum(1, keepdim=True).expand_as(x)
 
 # %% ../nbs/07_models.ipynb #c6cdd44a
 Normalize = PixelNormalize
@@ -121,12 +130,14 @@ class MultiTaskModel(nn.Module):
         dropout:float=0.2, # dropout of the dense layers
         decoder_channels:tuple=(128, 64, 32, 16), # U-Net decoder blocks, deepest first
         in_chans:int=3, # number of input channels
+        grey:bool=False, # show the backbone grey-level images (`Greyscale`), so that it cannot use colour
         **timm_kwargs, # passed to `timm.create_model`, e.g. `img_size=` for ViTs
     ):
         super().__init__()
         self.arch, self.tasks = arch, _check_tasks(L(tasks))
         self.config = dict(arch=arch, emb_sizes=tuple(emb_sizes), dropout=dropout, decoder_channels=tuple(decoder_channels),
-                           in_chans=in_chans, **timm_kwargs) # what rebuilds the architecture (the weights aside)
+                           in_chans=in_chans, **({'grey': True} if grey else {}), **timm_kwargs) # what rebuilds the architecture (the weights aside)
+        self.colour = Greyscale(in_chans) if grey else nn.Identity()
         self.backbone = timm_backbone(arch, pretrained=pretrained, in_chans=in_chans, **timm_kwargs)
         self.normalize = PixelNormalize(*backbone_stats(self.backbone, in_chans))
         self.channels_last = getattr(self.backbone, 'output_fmt', 'NCHW') == 'NHWC'
@@ -146,7 +157,7 @@ class MultiTaskModel(nn.Module):
 @patch
 def features(self:MultiTaskModel, x:Tensor)->list:
     "Backbone feature maps (NCHW, shallowest first) of images `x` in [0, 1]"
-    feats = self.backbone(self.normalize(x))
+    feats = self.backbone(self.normalize(self.colour(x)))
     return [f.permute(0, 3, 1, 2) for f in feats] if self.channels_last else list(feats)
 
 @patch
@@ -166,6 +177,22 @@ def embed(self:MultiTaskModel, x:Tensor)->Tensor:
     "The shared embedding (N, `emb_size`) of images `x`: what the heads, probes and UMAPs read"
     if self.embedding is None: raise ValueError(f"this model ({self.tasks.attrgot('name')}) has no embedding: only segmentation tasks")
     return self.embedding(self.features(x)[-1])
+
+# %% ../nbs/07_models.ipynb #f00d0706
+@patch
+def load_shared(self:MultiTaskModel,
+    source:nn.Module, # a trained `MultiTaskModel` (or a learner holding one) of the same architecture
+    parts:tuple=('backbone', 'embedding', 'decoder'), # the parts to copy (those `source` and this model both have)
+)->list:
+    "Copy the weights of the shared `parts` of `source` into this model; returns the names of the tensors copied"
+    src = getattr(source, 'model', source).state_dict()
+    names = [k for k in self.state_dict() if k.split('.')[0] in parts and k in src]
+    if not names: raise ValueError(f"the source model shares none of {parts} with this one")
+    own = self.state_dict()
+    if bad := [k for k in names if src[k].shape != own[k].shape]:
+        raise ValueError(f"the source model has another architecture: {bad[0]} is {tuple(src[bad[0]].shape)} there, {tuple(own[bad[0]].shape)} here")
+    self.load_state_dict({k: src[k] for k in names}, strict=False)
+    return names
 
 # %% ../nbs/07_models.ipynb #ce6289da
 def mtl_splitter(

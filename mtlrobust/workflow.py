@@ -16,7 +16,7 @@ from fastai.learner import Learner
 from .core import *
 from .tasks import *
 from .data import *
-from .concepts import add_concepts, CONCEPTS
+from .concepts import add_concepts, CONCEPTS, mask_shapes
 from .synth import synth_wbc
 from .models import MultiTaskModel
 from .weighting import WEIGHTINGS
@@ -25,9 +25,10 @@ try: import psutil # optional: the memory the system can give (without it /proc/
 except ImportError: psutil = None
 
 # %% auto #0
-__all__ = ['NAMED_TASKS', 'MAX_SIZE', 'read_data', 'parse_tasks', 'output_folder', 'atomic_outputs', 'split_for_training',
-           'check_training_options', 'check_training_rows', 'training_memory', 'available_memory', 'check_memory',
-           'process_batch_size', 'train_model', 'evaluate_table', 'read_rows', 'run_demo', 'plot_demo']
+__all__ = ['NAMED_TASKS', 'RECIPE', 'MAX_SIZE', 'read_data', 'parse_tasks', 'output_folder', 'atomic_outputs',
+           'split_for_training', 'check_training_options', 'check_training_rows', 'training_memory', 'available_memory',
+           'check_memory', 'process_batch_size', 'train_model', 'evaluate_table', 'predicted_shapes', 'read_rows',
+           'run_demo', 'plot_demo']
 
 # %% ../nbs/14_workflow.ipynb #6d1a63be
 def read_data(
@@ -141,16 +142,21 @@ def _fit_split(table):
     "`split` column for fitting: test rows serve as the monitored valid set when there is no valid row"
     return table.split.where(table.split != 'test', 'valid') if not (table.split == 'valid').any() else table.split
 
+# %% ../nbs/14_workflow.ipynb #f00d1405
+RECIPE = dict(bs=16, epochs=25, lr=2e-3) # default batch size, epochs and maximum learning rate of one-cycle training
+
 # %% ../nbs/14_workflow.ipynb #c1e0a002
 def check_training_options(
     size:int=128, # image side (--size)
-    bs:int=32, # batch size (--bs)
-    epochs:int=30, # epochs (--epochs)
-    lr:float=2e-3, # maximum learning rate (--lr)
+    bs:int=RECIPE['bs'], # batch size (--bs)
+    epochs:int=RECIPE['epochs'], # epochs (--epochs)
+    lr:float=RECIPE['lr'], # maximum learning rate (--lr)
     valid_pct:float=0., # validation share (--valid-pct)
     test_pct:float=0., # test share (--test-pct)
     arch:str=None, # timm architecture (--arch); None: not checked
     weighting=None, # task weighting (--weighting): a name of `WEIGHTINGS` is checked, anything else is not
+    stain:str=None, # stain normalisation (--stain-norm): None or a name of `STAIN_NORMALIZERS`
+    hed_jitter:float=0., # range of the HED stain augmentation (--hed-jitter)
 ):
     "Refuse out-of-range training options with a `ValueError` naming the option and the range expected"
     if size < 1: raise ValueError(f"--size {size}: an image side must be at least 1 pixel")
@@ -165,12 +171,14 @@ def check_training_options(
         near = difflib.get_close_matches(arch, timm.list_models(), n=3)
         raise ValueError(f"--arch {arch!r} is not a timm architecture" + (f"; did you mean {', '.join(near)}?" if near else " (see timm.list_models())"))
     if isinstance(weighting, str) and weighting not in WEIGHTINGS: raise ValueError(f"--weighting {weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
+    if stain is not None and stain not in STAIN_NORMALIZERS: raise ValueError(f"--stain-norm {stain!r}: expected one of {', '.join(STAIN_NORMALIZERS)}")
+    if not 0 <= hed_jitter < 1: raise ValueError(f"--hed-jitter {hed_jitter}: expected a range at least 0 and below 1 (Tellez et al.: 0.05 light, 0.2 strong)")
 
 # %% ../nbs/14_workflow.ipynb #c1e0a004
 def check_training_rows(
     table:pd.DataFrame, # sample table with a `split` column
     tasks:list, # the `Task`s to train
-    bs:int=32, # batch size
+    bs:int=RECIPE['bs'], # batch size
 ):
     "Refuse a table with less than one full batch of training rows, or with a task no training row is labelled for"
     if 'split' not in table: raise ValueError("the table has no `split` column; mark each row train, valid or test (see `split_for_training`)")
@@ -224,7 +232,7 @@ def check_memory(
     tasks:list, # the tasks (completed, e.g. by `task_spec`)
     arch:str='resnet18', # timm architecture
     size:int=128, # image side
-    bs:int=32, # batch size
+    bs:int=RECIPE['bs'], # batch size
     available:int=None, # bytes available (default: `available_memory()` of fastai's default device)
     **kwargs, # other `MultiTaskModel` arguments
 )->dict|None:
@@ -269,27 +277,31 @@ def train_model(
     tasks:list, # `Task`s
     arch:str='resnet18', # timm architecture
     size:int=128, # image side
-    bs:int=32, # batch size
-    epochs:int=30, # epochs of one-cycle training
-    lr:float=2e-3, # maximum learning rate
+    bs:int=RECIPE['bs'], # batch size
+    epochs:int=RECIPE['epochs'], # epochs of one-cycle training
+    lr:float=RECIPE['lr'], # maximum learning rate
     weighting:str='vanilla', # task weighting strategy
     seed:int=0, # seed of initialisation and batch order
     pretrained:bool=False, # start from timm's pretrained weights
     progress:bool=True, # show fastai's progress bar
     memory_check:bool=True, # refuse a batch that does not fit in memory (`check_memory`)
     aug=True, # training augmentations of `mtl_dataloaders`: True (`mtl_augmentations`), False, or a list of transforms
-    **kwargs, # passed to `mtl_learner`
+    stain:str=None, # stain normalisation of every image, fitted on training images (`fit_stain`): 'reinhard' or 'macenko'
+    init=None, # a trained model or learner (same architecture) whose backbone and shared layers start this one (`load_shared`)
+    **kwargs, # passed to `mtl_learner` (and `grey=True` to the model)
 ):
     "A multi-task learner trained with one-cycle on the table's train rows (on every process of a launch), once the options, rows and memory are checked"
-    check_training_options(size, bs, epochs, lr, arch=arch, weighting=weighting)
+    check_training_options(size, bs, epochs, lr, arch=arch, weighting=weighting, stain=stain)
     specs = L(task_spec(table, t) for t in tasks)
     check_training_rows(table, specs, bs)
+    item_tfms = [fit_stain(table, stain, size=size, seed=seed)] if stain else None
     n, dl_kw = num_distrib(), {}
     if n > 1: bs, dl_kw = process_batch_size(bs, n), dict(device=process_device())
     if memory_check: check_memory(specs, arch, size, bs, available=_memory_share(dl_kw.get('device'), n), **_model_kwargs(kwargs))
     set_seed(seed, reproducible=True)
-    dls = mtl_dataloaders(table, tasks=tasks, size=size, bs=bs, split=_fit_split(table), seed=seed, aug=aug, **dl_kw)
+    dls = mtl_dataloaders(table, tasks=tasks, size=size, bs=bs, split=_fit_split(table), seed=seed, aug=aug, item_tfms=item_tfms, **dl_kw)
     learn = mtl_learner(dls, arch=arch, weighting=weighting, pretrained=pretrained, **kwargs)
+    if init is not None: learn.model.load_shared(init)
     if n > 1 and rank_distrib(): set_seed(seed + rank_distrib(), reproducible=True)  # own augmentations and dropout
     if not progress: learn.remove_cb(learn.progress) if hasattr(learn, 'progress') else None
     with learn.distrib_ctx(find_unused_parameters=bool(L(kwargs.get('cbs')))), learn.no_logging() if not progress else contextlib.nullcontext():
@@ -303,6 +315,20 @@ def evaluate_table(
 )->dict:
     "Per-task metrics of `learn` on `table`'s rows (labels unknown to the model count as missing)"
     return learn.evaluate(learn.labelled_dl(table))
+
+# %% ../nbs/14_workflow.ipynb #f00d1402
+def predicted_shapes(
+    learn, # a trained learner with a segmentation task
+    table:pd.DataFrame, # rows whose images to segment
+    task:str='mask', # name of the segmentation task
+    bs:int=64, # batch size of the predictions
+)->pd.DataFrame:
+    "`SHAPE_CONCEPTS` of the masks `learn` predicts for `table`'s images, one row per table row (its index kept)"
+    names = learn.tasks.attrgot('name')
+    if task not in names or not isinstance(learn.tasks[names.index(task)], SegmentationTask):
+        raise ValueError(f"predicted_shapes needs a segmentation task named {task!r}; the model's tasks are {names}")
+    preds, _ = learn.get_preds(dl=learn.labelled_dl(table, bs=bs))
+    return mask_shapes(preds[task].argmax(1).cpu()).set_index(table.index)
 
 # %% ../nbs/14_workflow.ipynb #d059fa93
 def read_rows(
