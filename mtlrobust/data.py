@@ -25,7 +25,7 @@ __all__ = ['BAD_FILES', 'UNKNOWN_CLASSES', 'SEGWBC_LABELS', 'IMAGE_EXTS', 'SPLIT
            'load_manifest', 'save_manifest', 'duplicate_groups', 'split_stratified', 'kfold_splits',
            'leave_one_domain_out', 'mtl_augmentations', 'light_augmentations', 'mtl_dataloaders',
            'dominant_channel_agreement', 'rgb_to_hed', 'hed_to_rgb', 'HEDJitter', 'RandomBlur', 'StainNormalize',
-           'ReinhardNormalize', 'MacenkoNormalize', 'stain_from_record', 'fit_stain']
+           'ReinhardNormalize', 'MacenkoNormalize', 'stain_normalizer', 'stain_from_record', 'fit_stain']
 
 # %% ../nbs/04_data.ipynb #3f2a6c81
 def _image_check(path)->tuple:
@@ -451,7 +451,10 @@ class HEDJitter(RandTransform):
         sigma:float=0.05, # scale range; Tellez's 'HED-light' is 0.05, 'HED-strong' 0.2
         bias:float=0.05, # shift range, in scikit-image's stain units
         p:float=1., # probability of jittering a batch
-    ): store_attr('sigma,bias'); super().__init__(p=p)
+    ):
+        for name, v in (('sigma', sigma), ('bias', bias)):
+            if not 0 <= v < 1: raise ValueError(f"HEDJitter({name}={v!r}): expected a range at least 0 and below 1 (Tellez et al.: 0.05 light, 0.2 strong)")
+        store_attr('sigma,bias'); super().__init__(p=p)
     def before_call(self, b, split_idx):
         super().before_call(b, split_idx)
         n = find_bs(b)
@@ -529,12 +532,19 @@ class MacenkoNormalize(StainNormalize):
 
 STAIN_NORMALIZERS = {c.method: c for c in (ReinhardNormalize, MacenkoNormalize)}
 
+def stain_normalizer(
+    method:str, # a name of `STAIN_NORMALIZERS`
+    what:str='stain normalisation', # how the error names the option (e.g. '--stain-norm')
+)->type:
+    "The `StainNormalize` class of `method`; an unknown name is a `ValueError` listing the known ones"
+    if method not in STAIN_NORMALIZERS: raise ValueError(f"{what} {method!r}: expected one of {', '.join(STAIN_NORMALIZERS)}")
+    return STAIN_NORMALIZERS[method]
+
 def stain_from_record(
     rec:dict, # a `StainNormalize.record()`
 )->StainNormalize:
     "The normaliser `rec` describes"
-    if (m := rec.get('method')) not in STAIN_NORMALIZERS: raise ValueError(f"stain normalisation {m!r} is unknown; expected one of {list(STAIN_NORMALIZERS)}")
-    return STAIN_NORMALIZERS[m](**{k: v for k, v in rec.items() if k != 'method'})
+    return stain_normalizer(rec.get('method'), 'saved stain normalisation')(**{k: v for k, v in rec.items() if k != 'method'})
 
 def fit_stain(
     table:pd.DataFrame, # sample table with a `split` column
@@ -544,7 +554,7 @@ def fit_stain(
     seed:int=0, # seed of the draw
 )->StainNormalize:
     "A stain normaliser of `method` fitted on up to `n` training images of `table` (never on validation or test rows)"
-    if method not in STAIN_NORMALIZERS: raise ValueError(f"stain normalisation {method!r}: expected one of {', '.join(STAIN_NORMALIZERS)}")
+    cls = stain_normalizer(method)
     train = table.image[table.split == 'train'] if 'split' in table else table.image
     if not len(train): raise ValueError("fit_stain: the table has no training rows to measure the reference stain on")
-    return STAIN_NORMALIZERS[method].fit(train.sample(min(n, len(train)), random_state=seed).tolist(), size)
+    return cls.fit(train.sample(min(n, len(train)), random_state=seed).tolist(), size)

@@ -21,6 +21,7 @@ from .synth import synth_wbc
 from .models import MultiTaskModel
 from .weighting import WEIGHTINGS
 from .learner import mtl_learner, process_device
+from .callback.training import ValidateEvery
 try: import psutil # optional: the memory the system can give (without it /proc/meminfo is read)
 except ImportError: psutil = None
 
@@ -157,6 +158,7 @@ def check_training_options(
     weighting=None, # task weighting (--weighting): a name of `WEIGHTINGS` is checked, anything else is not
     stain:str=None, # stain normalisation (--stain-norm): None or a name of `STAIN_NORMALIZERS`
     hed_jitter:float=0., # range of the HED stain augmentation (--hed-jitter)
+    validate_every:int=1, # epochs between validation passes (--validate-every)
 ):
     "Refuse out-of-range training options with a `ValueError` naming the option and the range expected"
     if size < 1: raise ValueError(f"--size {size}: an image side must be at least 1 pixel")
@@ -171,8 +173,9 @@ def check_training_options(
         near = difflib.get_close_matches(arch, timm.list_models(), n=3)
         raise ValueError(f"--arch {arch!r} is not a timm architecture" + (f"; did you mean {', '.join(near)}?" if near else " (see timm.list_models())"))
     if isinstance(weighting, str) and weighting not in WEIGHTINGS: raise ValueError(f"--weighting {weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
-    if stain is not None and stain not in STAIN_NORMALIZERS: raise ValueError(f"--stain-norm {stain!r}: expected one of {', '.join(STAIN_NORMALIZERS)}")
+    if stain is not None: stain_normalizer(stain, '--stain-norm')
     if not 0 <= hed_jitter < 1: raise ValueError(f"--hed-jitter {hed_jitter}: expected a range at least 0 and below 1 (Tellez et al.: 0.05 light, 0.2 strong)")
+    if validate_every < 1: raise ValueError(f"--validate-every {validate_every}: validate at least every 1 epoch (the last epoch is always validated)")
 
 # %% ../nbs/14_workflow.ipynb #c1e0a004
 def check_training_rows(
@@ -288,10 +291,11 @@ def train_model(
     aug=True, # training augmentations of `mtl_dataloaders`: True (`mtl_augmentations`), False, or a list of transforms
     stain:str=None, # stain normalisation of every image, fitted on training images (`fit_stain`): 'reinhard' or 'macenko'
     init=None, # a trained model or learner (same architecture) whose backbone and shared layers start this one (`load_shared`)
+    validate_every:int=5, # validation pass every this many epochs and after the last (`ValidateEvery`); 1: every epoch
     **kwargs, # passed to `mtl_learner` (and `grey=True` to the model)
 ):
     "A multi-task learner trained with one-cycle on the table's train rows (on every process of a launch), once the options, rows and memory are checked"
-    check_training_options(size, bs, epochs, lr, arch=arch, weighting=weighting, stain=stain)
+    check_training_options(size, bs, epochs, lr, arch=arch, weighting=weighting, stain=stain, validate_every=validate_every)
     specs = L(task_spec(table, t) for t in tasks)
     check_training_rows(table, specs, bs)
     item_tfms = [fit_stain(table, stain, size=size, seed=seed)] if stain else None
@@ -302,6 +306,7 @@ def train_model(
     dls = mtl_dataloaders(table, tasks=tasks, size=size, bs=bs, split=_fit_split(table), seed=seed, aug=aug, item_tfms=item_tfms, **dl_kw)
     learn = mtl_learner(dls, arch=arch, weighting=weighting, pretrained=pretrained, **kwargs)
     if init is not None: learn.model.load_shared(init)
+    learn.add_cb(ValidateEvery(validate_every))
     if n > 1 and rank_distrib(): set_seed(seed + rank_distrib(), reproducible=True)  # own augmentations and dropout
     if not progress: learn.remove_cb(learn.progress) if hasattr(learn, 'progress') else None
     with learn.distrib_ctx(find_unused_parameters=bool(L(kwargs.get('cbs')))), learn.no_logging() if not progress else contextlib.nullcontext():
@@ -327,7 +332,7 @@ def predicted_shapes(
     names = learn.tasks.attrgot('name')
     if task not in names or not isinstance(learn.tasks[names.index(task)], SegmentationTask):
         raise ValueError(f"predicted_shapes needs a segmentation task named {task!r}; the model's tasks are {names}")
-    preds, _ = learn.get_preds(dl=learn.labelled_dl(table, bs=bs))
+    with learn.no_bar(): preds, _ = learn.get_preds(dl=learn.labelled_dl(table, bs=bs))
     return mask_shapes(preds[task].argmax(1).cpu()).set_index(table.index)
 
 # %% ../nbs/14_workflow.ipynb #d059fa93

@@ -1,4 +1,4 @@
-"""fastai callbacks for training a multi-task model: Ganin's gradient-reversal schedule, a task-weight recorder and GradNorm
+"""fastai callbacks for training a multi-task model: Ganin's gradient-reversal schedule, a task-weight recorder, sparse validation and GradNorm
 
 Docs: https://mtlrobust.github.io/mtlrobust/callback.training.html.md"""
 
@@ -9,10 +9,11 @@ from __future__ import annotations
 import math, collections
 from fastai.basics import *
 from fastai.callback.fp16 import MixedPrecision
+from fastai.callback.progress import ProgressCallback
 from ..weighting import GradNormWeighting, gradnorm_loss
 
 # %% auto #0
-__all__ = ['ganin_lambda', 'GradientReversalSchedule', 'TaskWeightRecorder', 'last_shared_param', 'GradNorm']
+__all__ = ['ganin_lambda', 'GradientReversalSchedule', 'TaskWeightRecorder', 'ValidateEvery', 'last_shared_param', 'GradNorm']
 
 # %% ../../nbs/09_callback.training.ipynb #9d811e12
 def ganin_lambda(
@@ -65,6 +66,26 @@ def plot_task_weights(
     ax = sns.lineplot(h, x='epoch', y='weight', hue='task', marker='o', ax=ax)
     ax.set_title(f"task weights ({type(self.loss_func.weighting).__name__})")
     return ax
+
+# %% ../../nbs/09_callback.training.ipynb #v0000002
+class ValidateEvery(Callback):
+    "Validation pass every `n` epochs and after the last, leaving the random generators as it found them; NaN validation numbers in the others"
+    order = ProgressCallback.order + 1  # after the progress bar opens its validation bar, which `after_validate` closes
+    def __init__(self, n:int=5): # validate after epochs n, 2n, ... and the last
+        if n < 1: raise ValueError(f"ValidateEvery(n={n!r}): validate every n >= 1 epochs")
+        store_attr()
+    def before_train(self): self.in_fit = True  # `validate` and `get_preds` run a validation pass without a training one
+    def before_validate(self):
+        if not getattr(self, 'in_fit', False): return
+        self.states = get_random_states()  # fastai's random transforms draw their parameters on validation batches too
+        if (self.epoch + 1) % self.n and self.epoch + 1 < self.n_epoch: raise CancelValidException()
+    def after_validate(self):
+        if getattr(self, 'in_fit', False): set_random_states(**self.states)
+    def after_epoch(self):
+        if not getattr(self, 'in_fit', False): return
+        self.in_fit, rec = False, self.recorder
+        width = len(rec.metric_names) - 1 - rec.add_time
+        rec.values[-1] = list(rec.values[-1]) + [math.nan] * (width - len(rec.values[-1]))
 
 # %% ../../nbs/09_callback.training.ipynb #931556f5
 def last_shared_param(model)->list:
