@@ -24,8 +24,9 @@ __all__ = ['BAD_FILES', 'UNKNOWN_CLASSES', 'SEGWBC_LABELS', 'IMAGE_EXTS', 'SPLIT
            'readable_image', 'check_files', 'check_class_names', 'load_segmentation_wbc', 'combine', 'load_pbc',
            'load_manifest', 'save_manifest', 'duplicate_groups', 'split_stratified', 'kfold_splits',
            'leave_one_domain_out', 'mtl_augmentations', 'light_augmentations', 'mtl_dataloaders',
-           'dominant_channel_agreement', 'rgb_to_hed', 'hed_to_rgb', 'HEDJitter', 'RandomBlur', 'StainNormalize',
-           'ReinhardNormalize', 'MacenkoNormalize', 'stain_normalizer', 'stain_from_record', 'fit_stain']
+           'dominant_channel_agreement', 'rgb_to_hed', 'hed_to_rgb', 'check_hed_range', 'HEDJitter', 'RandomBlur',
+           'StainNormalize', 'ReinhardNormalize', 'MacenkoNormalize', 'stain_normalizer', 'stain_from_record',
+           'fit_stain']
 
 # %% ../nbs/04_data.ipynb #3f2a6c81
 def _image_check(path)->tuple:
@@ -444,6 +445,13 @@ def hed_to_rgb(hed:Tensor)->Tensor:
     return torch.exp(torch.einsum('ndhw,dc->nchw', hed * _LOG_FLOOR, hed.new_tensor(rgb_from_hed))).clamp(0, 1)
 
 # %% ../nbs/04_data.ipynb #f00d0006
+def check_hed_range(
+    value:float, # a scale or shift range of `HEDJitter`
+    what:str, # how the error names it (e.g. '--hed-jitter 1.5')
+):
+    "Refuse a HED jitter range outside [0, 1) with a `ValueError` naming it"
+    if not 0 <= value < 1: raise ValueError(f"{what}: expected a range at least 0 and below 1 (Tellez et al.: 0.05 light, 0.2 strong)")
+
 class HEDJitter(RandTransform):
     "Stain augmentation (Tellez et al. 2019): each training image's H, E and D amounts scaled by U(1-`sigma`, 1+`sigma`) and shifted by U(-`bias`, `bias`)"
     order, split_idx = 15, 0  # on float images (after `IntToFloatTensor`), training batches only
@@ -452,8 +460,7 @@ class HEDJitter(RandTransform):
         bias:float=0.05, # shift range, in scikit-image's stain units
         p:float=1., # probability of jittering a batch
     ):
-        for name, v in (('sigma', sigma), ('bias', bias)):
-            if not 0 <= v < 1: raise ValueError(f"HEDJitter({name}={v!r}): expected a range at least 0 and below 1 (Tellez et al.: 0.05 light, 0.2 strong)")
+        for name, v in (('sigma', sigma), ('bias', bias)): check_hed_range(v, f'HEDJitter({name}={v!r})')
         store_attr('sigma,bias'); super().__init__(p=p)
     def before_call(self, b, split_idx):
         super().before_call(b, split_idx)

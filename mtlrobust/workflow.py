@@ -174,7 +174,7 @@ def check_training_options(
         raise ValueError(f"--arch {arch!r} is not a timm architecture" + (f"; did you mean {', '.join(near)}?" if near else " (see timm.list_models())"))
     if isinstance(weighting, str) and weighting not in WEIGHTINGS: raise ValueError(f"--weighting {weighting!r}: expected one of {', '.join(WEIGHTINGS)}")
     if stain is not None: stain_normalizer(stain, '--stain-norm')
-    if not 0 <= hed_jitter < 1: raise ValueError(f"--hed-jitter {hed_jitter}: expected a range at least 0 and below 1 (Tellez et al.: 0.05 light, 0.2 strong)")
+    check_hed_range(hed_jitter, f'--hed-jitter {hed_jitter}')
     if validate_every < 1: raise ValueError(f"--validate-every {validate_every}: validate at least every 1 epoch (the last epoch is always validated)")
 
 # %% ../nbs/14_workflow.ipynb #c1e0a004

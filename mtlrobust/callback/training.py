@@ -73,16 +73,16 @@ class ValidateEvery(Callback):
     order = ProgressCallback.order + 1  # after the progress bar opens its validation bar, which `after_validate` closes
     def __init__(self, n:int=5): # validate after epochs n, 2n, ... and the last
         if n < 1: raise ValueError(f"ValidateEvery(n={n!r}): validate every n >= 1 epochs")
-        store_attr()
+        store_attr(); self.in_fit = False
     def before_train(self): self.in_fit = True  # `validate` and `get_preds` run a validation pass without a training one
     def before_validate(self):
-        if not getattr(self, 'in_fit', False): return
+        if not self.in_fit: return
         self.states = get_random_states()  # fastai's random transforms draw their parameters on validation batches too
         if (self.epoch + 1) % self.n and self.epoch + 1 < self.n_epoch: raise CancelValidException()
     def after_validate(self):
-        if getattr(self, 'in_fit', False): set_random_states(**self.states)
+        if self.in_fit: set_random_states(**self.states)
     def after_epoch(self):
-        if not getattr(self, 'in_fit', False): return
+        if not self.in_fit: return
         self.in_fit, rec = False, self.recorder
         width = len(rec.metric_names) - 1 - rec.add_time
         rec.values[-1] = list(rec.values[-1]) + [math.nan] * (width - len(rec.values[-1]))
