@@ -22,9 +22,9 @@ from .models import MultiTaskModel
 
 # %% auto #0
 __all__ = ['NORMS', 'attack_mode', 'task_outputs', 'TaskView', 'attacked_tasks', 'MultiTaskAttack', 'TorchAttack', 'torchattack',
-           'random_init', 'ascent_step', 'perturbation_norm', 'MultiTaskPGD', 'WGD', 'expected_improvement',
-           'bayes_opt_maximise', 'grid_counts', 'grid_points', 'move_targets', 'spatial_losses', 'SpatialAttack',
-           'HybridAttack']
+           'random_init', 'project', 'ascent_step', 'perturbation_norm', 'MultiTaskPGD', 'WGD', 'apgd_checkpoints',
+           'MultiTaskAPGD', 'expected_improvement', 'bayes_opt_maximise', 'grid_counts', 'grid_points', 'move_targets',
+           'spatial_losses', 'SpatialAttack', 'HybridAttack']
 
 # %% ../nbs/11_attacks.ipynb #9c63141e
 @contextmanager
@@ -183,24 +183,31 @@ def random_init(
     return torch.clamp(x + delta, min=0, max=1)
 
 # %% ../nbs/11_attacks.ipynb #856bca21
+def project(
+    x:Tensor, # clean images, the centre of the ball
+    x_adv:Tensor, # a point to bring back
+    eps:float, # radius of the ball
+    norm:str='Linf', # 'Linf' (clip each pixel) or 'L2' (rescale the perturbation)
+)->Tensor:
+    "`x_adv` projected on the eps-ball around `x`, then on [0, 1]"
+    _check_norm(norm)
+    delta = x_adv - x
+    if norm == 'Linf': delta = torch.clamp(delta, min=-eps, max=eps)
+    else: delta = delta*_per_sample(torch.clamp(eps / delta.flatten(1).norm(p=2, dim=1), max=1.), x)
+    return torch.clamp(x + delta, min=0, max=1)
+
 def ascent_step(
     x:Tensor, # clean images, the centre of the ball
     x_adv:Tensor, # current iterate
     grad:Tensor, # gradient of the attacked loss at `x_adv`
-    alpha:float, # step size
+    alpha, # step size: a number, or one per sample shaped (N, 1, 1, 1)
     eps:float, # radius of the ball
     norm:str='Linf', # 'Linf' (sign step, clip) or 'L2' (normalised step, rescale)
 )->Tensor:
     "One steepest-ascent step from `x_adv`, projected on the eps-ball around `x` and on [0, 1]"
     _check_norm(norm)
-    if norm == 'Linf':
-        x_adv = x_adv + alpha*grad.sign()
-        delta = torch.clamp(x_adv - x, min=-eps, max=eps)
-        return torch.clamp(x + delta, min=0, max=1)
-    grad = grad / _per_sample(grad.flatten(1).norm(p=2, dim=1) + 1e-10, x)
-    delta = x_adv + alpha*grad - x
-    factor = torch.clamp(eps / delta.flatten(1).norm(p=2, dim=1), max=1.)
-    return torch.clamp(x + delta*_per_sample(factor, x), min=0, max=1)
+    step = grad.sign() if norm == 'Linf' else grad / _per_sample(grad.flatten(1).norm(p=2, dim=1) + 1e-10, x)
+    return project(x, x_adv + alpha*step, eps, norm)
 
 # %% ../nbs/11_attacks.ipynb #2fcb2531
 def perturbation_norm(
@@ -269,6 +276,71 @@ class WGD(MultiTaskPGD):
         "w_i / L_i(0), fixed at the first step; 0 for a task without labels in the batch"
         if step == 0: state['wgd'] = torch.where(losses > 0, state['w'] / losses.clamp_min(1e-12), 0.)
         return state['wgd']
+
+# %% ../nbs/11_attacks.ipynb #27538a13
+def apgd_checkpoints(
+    steps:int, # number of iterations
+)->list:
+    "Iterations at which APGD checks its progress (Croce & Hein 2020, sec. 3.2), 0 first"
+    p = [0., 0.22]
+    while (nxt := p[-1] + max(p[-1] - p[-2] - 0.03, 0.06)) <= 1: p.append(nxt)
+    return sorted({int(np.ceil(round(q*steps, 6))) for q in p})
+
+class MultiTaskAPGD(MultiTaskPGD):
+    "APGD (Croce & Hein 2020) on the weighted sum of the attacked tasks' per-sample losses"
+    def __init__(self,
+        tasks=None, # task name(s) to attack; None: every non-adversarial task
+        weights=None, # task weights, as for `MultiTaskPGD`
+        eps:float=8/255, # radius of the perturbation ball
+        steps:int=10, # number of iterations
+        norm:str='Linf', # 'Linf' or 'L2'
+        momentum:float=0.75, # weight of the new step against the previous move
+        rho:float=0.75, # share of improving steps below which the step size is halved
+        seed:int=None, # seed of the random start; None: torch's global generator
+    ):
+        super().__init__(tasks, weights, eps, None, steps, norm, True, seed)
+        self.momentum, self.rho = momentum, rho
+
+    def sample_losses(self, model, x_adv, y, tasks, w)->tuple:
+        "(weighted per-sample loss (N,), its gradient with respect to the images)"
+        x_adv = x_adv.detach().requires_grad_(True)
+        out = task_outputs(model, x_adv, [t.name for _, t in tasks])
+        loss = sum(wi*t.loss(out[t.name], y[i], reduction='none') for wi, (i, t) in zip(w, tasks))
+        grad, = torch.autograd.grad(loss.sum(), x_adv)
+        return loss.detach(), grad
+
+# %% ../nbs/11_attacks.ipynb #27538a15
+@patch
+def perturb(self:MultiTaskAPGD, model, x, *y):
+    tasks = attacked_tasks(model, self.tasks)
+    labelled = torch.stack([t.has_label(y[i]) for i, t in tasks]).any(0)
+    if not labelled.any(): return x.clone(), None
+    gen = None if self.seed is None else torch.Generator(x.device).manual_seed(self.seed)
+    w, checks = self.task_weights(tasks), set(apgd_checkpoints(self.steps)[1:])
+    x_k = x_prev = random_init(x, self.eps, self.norm, gen)
+    f_k, g = self.sample_losses(model, x_k, y, tasks, w)
+    best_x, best_f, eta = x_k.clone(), f_k.clone(), torch.full_like(f_k, 2*self.eps)
+    eta_then, best_then, rises, since, hist = eta.clone(), best_f.clone(), torch.zeros_like(f_k), 0, []
+    for k in range(self.steps):
+        z = ascent_step(x, x_k, g, _per_sample(eta, x), self.eps, self.norm)
+        a = self.momentum if k else 1.
+        x_new = project(x, x_k + a*(z - x_k) + (1 - a)*(x_k - x_prev), self.eps, self.norm)
+        f_new, g_new = self.sample_losses(model, x_new, y, tasks, w)
+        rises += (f_new > f_k).float(); since += 1
+        better = f_new > best_f
+        best_x, best_f = torch.where(_per_sample(better, x), x_new, best_x), torch.where(better, f_new, best_f)
+        x_prev, x_k, f_k, g = x_k, x_new, f_new, g_new
+        if k + 1 in checks:
+            halve = (rises < self.rho*since) | ((eta_then == eta) & (best_then == best_f))
+            eta_then, best_then = eta.clone(), best_f.clone()
+            eta = torch.where(halve, eta/2, eta)
+            if halve.any():
+                x_k = x_prev = torch.where(_per_sample(halve, x), best_x, x_k)
+                f_k, g = self.sample_losses(model, x_k, y, tasks, w)
+            rises, since = torch.zeros_like(f_k), 0
+        hist.append(best_f)
+    self.last_losses = torch.stack(hist) if hist else best_f[None]
+    return torch.where(_per_sample(labelled, x), best_x, x), None
 
 # %% ../nbs/11_attacks.ipynb #95a2cffe
 def expected_improvement(

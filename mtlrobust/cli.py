@@ -22,6 +22,7 @@ from .attacks import NORMS
 from .callback.adversarial import check_bn_branch, bn_branch
 from .robustness import ATTACKS, robustness_report, plot_robustness
 from .workflow import *
+from .interpret import fit_ood, ood_scores
 
 # %% auto #0
 __all__ = ['COMMANDS', 'USER_ERRORS', 'mtlrobust_train', 'mtlrobust_evaluate', 'mtlrobust_attack', 'mtlrobust_demo', 'main']
@@ -77,12 +78,14 @@ def mtlrobust_train(
         learn = train_model(table, task_list, arch, size, bs, epochs, lr, weighting, seed, pretrained, aug=aug, stain=stain_norm,
                             validate_every=validate_every, **({'grey': True} if grey else {}))
         if not writes: return None
-        metrics = evaluate_table(learn, table[table.split == 'test'])
+        ood = fit_ood(learn, table[table.split != 'test'], progress=False)
+        metrics = evaluate_table(learn, test := table[table.split == 'test'])
         report = dict(data=str(data), tasks=tasks, adversarial=adversarial, processes=max(num_distrib(), 1),
                       arch=arch, size=size, bs=bs, epochs=epochs, lr=lr, weighting=weighting, seed=seed,
                       stain_norm=stain_norm, hed_jitter=hed_jitter, grey=grey, validate_every=validate_every,
                       n_train=int((table.split == 'train').sum()), n_test=int((table.split == 'test').sum()),
-                      train_seconds=round(time.time()-start, 1), test_metrics=metrics)
+                      train_seconds=round(time.time()-start, 1), test_metrics=metrics,
+                      ood=dict(kind=ood.kind, layer=ood.layer, quantile=ood.quantile, threshold=float(ood.threshold), test_flagged=float(ood_scores(learn, test, progress=False).ood_flagged.mean())))
         save_model(learn, folder, name=dest['model.json'].stem, size=size)
         learn.export(dest['model.pkl'].absolute())
         save_manifest(table, dest['split.csv'])
@@ -101,6 +104,14 @@ def _load_model(
     try: return load_model(p, trust_pickle=trust_pickle)
     except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
         raise ValueError(f"MODEL {model!r} is not a model saved by mtlrobust train, or it is damaged ({' '.join(str(e).split())[:160]})") from e
+
+def _ood_report(learn, table:pd.DataFrame)->dict|None:
+    "Threshold, flagged count and share, and per-image scores of the model's out-of-distribution score (None without one)"
+    if getattr(learn.model, 'ood', None) is None: return None
+    s = ood_scores(learn, table, progress=False)
+    return dict(kind=learn.model.ood.kind, threshold=float(learn.model.ood.threshold), flagged=int(s.ood_flagged.sum()),
+                flagged_share=float(s.ood_flagged.mean()), images=[dict(image=str(i), score=float(v), flagged=bool(f))
+                                                                   for i, v, f in zip(table.image, s.ood_score, s.ood_flagged)])
 
 def _check_split_name(split:str):
     if split is not None and split not in SPLITS: raise ValueError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
@@ -124,8 +135,11 @@ def mtlrobust_evaluate(
         learn = _load_model(model, trust_pickle)
         table = read_rows(learn, data, domains, split, n_synthetic, seed, bad_files=bad_files)
         metrics = evaluate_table(learn, table)
-        tmp_dest[dest.name].write_text(json.dumps(dict(model=str(model), data=str(data), domains=domains, n=len(table), metrics=metrics), indent=2, default=float))
-    print(pd.Series(metrics, name=str(data)).round(4).to_string()); print(f"written to {dest}")
+        ood = _ood_report(learn, table)
+        tmp_dest[dest.name].write_text(json.dumps(dict(model=str(model), data=str(data), domains=domains, n=len(table), metrics=metrics, ood=ood), indent=2, default=float))
+    print(pd.Series(metrics, name=str(data)).round(4).to_string())
+    if ood: print(f"out of distribution: {ood['flagged']} of {len(table)} images past the threshold {ood['threshold']:.4g} ({ood['flagged_share']:.1%})")
+    print(f"written to {dest}")
     return metrics
 
 # %% ../nbs/20_cli.ipynb #8a51f106
@@ -166,7 +180,7 @@ def _check_task_sets(sets:list, learn):
 def mtlrobust_attack(
     model:str, # folder of a train run, or its model.json (a model.pkl only with --trust-pickle)
     data:str, # dataset folder, manifest CSV or 'synthetic'
-    attack:str='pgd', # comma-separated attacks: pgd, fgsm, wgd
+    attack:str='pgd', # comma-separated attacks: pgd, fgsm, wgd, apgd
     eps:str='1/255,2/255,4/255,8/255', # comma-separated budgets, fractions allowed
     tasks:str='label;mask;label,mask', # attacked task sets: ';' between sets, ',' within one
     norm:str='Linf', # comma-separated norms: Linf, L2

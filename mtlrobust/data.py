@@ -22,7 +22,7 @@ from .tasks import *
 # %% auto #0
 __all__ = ['BAD_FILES', 'UNKNOWN_CLASSES', 'SEGWBC_LABELS', 'IMAGE_EXTS', 'SPLITS', 'STAIN_NORMALIZERS', 'image_problem',
            'readable_image', 'check_files', 'check_class_names', 'load_segmentation_wbc', 'combine', 'load_pbc',
-           'load_manifest', 'save_manifest', 'duplicate_groups', 'split_stratified', 'kfold_splits',
+           'load_manifest', 'save_manifest', 'per_class_sample', 'duplicate_groups', 'split_stratified', 'kfold_splits',
            'leave_one_domain_out', 'mtl_augmentations', 'light_augmentations', 'mtl_dataloaders',
            'dominant_channel_agreement', 'rgb_to_hed', 'hed_to_rgb', 'check_hed_range', 'HEDJitter', 'RandomBlur',
            'StainNormalize', 'ReinhardNormalize', 'MacenkoNormalize', 'stain_normalizer', 'stain_from_record',
@@ -289,6 +289,19 @@ def save_manifest(
     csv.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(csv, index=False)
     return csv
+
+# %% ../nbs/04_data.ipynb #354122a4b
+def per_class_sample(
+    table:pd.DataFrame, # sample table
+    n:int, # rows drawn per class (all of a class that has fewer)
+    seed:int=0, # random seed: same seed, same rows
+    by:str='label', # the class column
+)->pd.DataFrame:
+    "A class-stratified random sample of `table`, in its row order"
+    if by not in table: raise ValueError(f"per_class_sample: no {by!r} column; the table has {list(table.columns)}")
+    rng = np.random.default_rng(seed)
+    keep = [i for _, g in table.groupby(by, sort=False) for i in rng.permutation(g.index)[:n]]
+    return table.loc[sorted(keep)].reset_index(drop=True)
 
 # %% ../nbs/04_data.ipynb #ec763bb6
 def duplicate_groups(

@@ -26,10 +26,10 @@ from .export import save_model, load_model
 
 # %% auto #0
 __all__ = ['Config', 'as_config', 'config_settings', 'table_fingerprint', 'SplitPlan', 'FixedSplit', 'SeededSplit', 'KFold',
-           'LeaveOneDomainOut', 'nested_fraction', 'TrainingFractions', 'evaluate_samples', 'model_learner',
-           'config_tasks', 'train_run', 'RunFolder', 'plan_runs', 'run_grid', 'load_samples', 'mean_interval',
-           'summarise', 'bootstrap_interval', 'paired_bootstrap', 'mcnemar_exact', 'wilcoxon_p', 'holm', 'compare',
-           'compare_samples', 'format_summary', 'plot_fractions', 'plot_results']
+           'LeaveOneDomainOut', 'PartlyLabelled', 'nested_fraction', 'TrainingFractions', 'evaluate_samples',
+           'model_learner', 'config_tasks', 'train_run', 'RunFolder', 'plan_runs', 'run_grid', 'load_samples',
+           'mean_interval', 'summarise', 'bootstrap_interval', 'paired_bootstrap', 'mcnemar_exact', 'wilcoxon_p',
+           'holm', 'compare', 'compare_samples', 'format_summary', 'plot_fractions', 'plot_results']
 
 # %% ../nbs/16_experiments.ipynb #e0000008
 @dataclass
@@ -101,15 +101,28 @@ class SeededSplit(SplitPlan):
 
 class KFold(SplitPlan):
     "k stratified folds with duplicates kept together (`data.kfold_splits`), the same for every seed"
-    def __init__(self, k:int=5, fold_seed:int=0, valid_pct:float=0.): store_attr()
+    def __init__(self, k:int=5, fold_seed:int=0, valid_pct:float=0., by:str='label'): store_attr()
     def splits(self, table, seed):
-        return [(f'fold{i}', s, {'fold': i}) for i, s in enumerate(kfold_splits(table, self.k, seed=self.fold_seed, valid_pct=self.valid_pct))]
+        return [(f'fold{i}', s, {'fold': i}) for i, s in enumerate(kfold_splits(table, self.k, seed=self.fold_seed, valid_pct=self.valid_pct, by=self.by))]
 
 class LeaveOneDomainOut(SplitPlan):
     "Train on every domain but one, test on it (`data.leave_one_domain_out`)"
     def __init__(self, valid_pct:float=0., fold_seed:int=0): store_attr()
     def splits(self, table, seed):
         return [(f'without {d}', s, {'held_out': d}) for d, s in leave_one_domain_out(table, self.valid_pct, seed=self.fold_seed).items()]
+
+# %% ../nbs/16_experiments.ipynb #e000000f2
+class PartlyLabelled(SplitPlan):
+    "`base`'s runs of the rows labelled in `by`; the rows without it are training rows of every run"
+    def __init__(self, base:SplitPlan=None, by:str='label'): self.base, self.by = ifnone(base, SeededSplit()), by
+    def splits(self, table, seed):
+        if self.by not in table: raise ValueError(f"PartlyLabelled: no {self.by!r} column in the table")
+        labelled, res = table[self.by].notna().to_numpy(), []
+        for name, s, extra in self.base.splits(table[labelled], seed):
+            full = pd.Series('train', index=table.index, dtype=object)
+            full[labelled] = np.asarray(s, dtype=object)
+            res.append((name, full, extra))
+        return res
 
 # %% ../nbs/16_experiments.ipynb #e0000010
 def nested_fraction(
@@ -234,9 +247,10 @@ class RunFolder:
 def save_training(self:RunFolder, learn, size:int):
     "Store the trained model (when it is a library model) and then the settings, which mark the training done"
     self.path.mkdir(parents=True, exist_ok=True)
-    for pattern in ('model.*', 'samples-*', 'metrics-*'):  # left by an interrupted run: without settings.json, not a result
+    for pattern in ('model.*', 'samples-*', 'metrics-*', 'task-history.csv'):  # left by an interrupted run: without settings.json, not a result
         for f in self.path.glob(pattern): f.unlink()
     if hasattr(learn.model, 'config'): save_model(learn, self.path, size=size)
+    if len(hist := getattr(learn, 'task_history', ())): _write_atomic(self.path/'task-history.csv', lambda p: hist.to_csv(p, index=False))
     _write_atomic(self.path/'settings.json', lambda p: p.write_text(json.dumps(self.settings, indent=1)))
 
 @patch
@@ -259,9 +273,9 @@ def _check_eval_sets(evals:dict, tasks_cols:list):
         if missing := [c for c in tasks_cols if c not in t.columns]:
             raise ValueError(f"evaluation set {name!r} has no columns {missing}; add them empty (None/NaN) if it has no such labels")
 
-def _task_columns(table, config)->list:
-    "The columns the configuration's tasks read"
-    return [c for t in config_tasks(table, config, 0)[1] for c in t.cols]
+def _task_columns(run_table, config)->list:
+    "The columns the configuration's tasks read, parsed on the table of a run (which has the split that concepts are standardised on)"
+    return [c for t in config_tasks(run_table, config, 0)[1] for c in t.cols]
 
 # %% ../nbs/16_experiments.ipynb #e000001d
 def plan_runs(
@@ -275,14 +289,14 @@ def plan_runs(
     "Every run of the grid as (config, split name, seed, extra columns, run table, `RunFolder`), checked before any training"
     configs, plan, evals = [as_config(c) for c in configs], ifnone(plan, FixedSplit()), evals or {}
     if dups := sorted({c.name for c in configs if [d.name for d in configs].count(c.name) > 1}): raise ValueError(f"configuration names must be unique: {dups}")
-    for c in configs: _check_eval_sets(evals, _task_columns(table, c))
-    runs = []
+    runs, checked = [], set()
     for seed in seeds:
         for name, split, extra in plan.splits(table, seed):
             if not (split == 'test').any(): raise ValueError(f"split {name!r} has no test rows")
             if bad := set(split.dropna()) - set(SPLITS): raise ValueError(f"split {name!r} holds values {sorted(bad)}; expected {SPLITS} or None")
             run_table = table.assign(split=split)[split.notna().to_numpy()].reset_index(drop=True)
             for c in configs:
+                if c.name not in checked: _check_eval_sets(evals, _task_columns(run_table, c)); checked.add(c.name)
                 settings = dict(config=config_settings(c), split=name, seed=seed, data=table_fingerprint(run_table))
                 rf = RunFolder(Path(folder)/c.name/name/f'seed{seed}', settings)
                 rf.check()
@@ -304,7 +318,9 @@ def run_grid(
     for c, name, seed, extra, run_table, rf in (progress_bar(runs, leave=False) if progress else runs):
         sets = {'test': run_table[run_table.split == 'test'], **evals}
         todo = {k: t for k, t in sets.items() if not (rf.trained and rf.done(k, table_fingerprint(t)))}
-        if todo:
+        if todo:  # the run's own targets (concepts standardised on its training rows, a random target) score its test rows too
+            run_table = config_tasks(run_table, c, seed)[0]
+            if 'test' in todo: todo['test'] = run_table[run_table.split == 'test']
             learn = rf.learner() if rf.trained else train_run(run_table, c, seed)
             if not rf.trained: rf.save_training(learn, c.size)
             for k, t in todo.items(): rf.save_eval(k, table_fingerprint(t), *evaluate_samples(learn, t.reset_index(drop=True)))
@@ -436,11 +452,13 @@ def compare_samples(
     samples_b:pd.DataFrame, # the same for model b, same samples
     scores:list, # per-sample columns to compare, e.g. ['label_correct', 'mask_dice_nucleus']
     alpha:float=0.05, # significance level, after Holm's correction
+    keys=('image',), # columns naming a sample: ('seed', 'image') pools the test cells of several seeds
     **kwargs, # confidence, n_resamples, seed of the bootstrap
 )->pd.DataFrame:
     "Paired per-sample comparison: mean difference with its paired bootstrap interval; exact McNemar p for correctness, else Wilcoxon"
-    a, b = samples_a.set_index('image'), samples_b.set_index('image')
-    if set(a.index) != set(b.index): raise ValueError("the two sample tables hold different images: compare models on the same test set")
+    # a sample scored by several runs of one key (the folds of a seed that all predict it) counts once, averaged
+    a, b = (t.groupby(list(keys))[list(scores)].mean() for t in (samples_a, samples_b))
+    if set(a.index) != set(b.index): raise ValueError(f"the two sample tables hold different samples (by {list(keys)}): compare models on the same test set")
     b, rows = b.loc[a.index], []
     for s in scores:
         ok = a[s].notna() & b[s].notna()

@@ -23,6 +23,7 @@ from .models import MultiTaskModel
 from .weighting import WEIGHTINGS
 from .learner import mtl_learner, MTLLearner
 from .callback.adversarial import convert_to_mixbn, dual_bns
+from .interpret import OODScore, ood_from_record
 
 # %% auto #0
 __all__ = ['FORMAT', 'FORMAT_VERSION', 'PICKLE_SUFFIXES', 'task_classes', 'task_record', 'task_from_record', 'input_of',
@@ -139,7 +140,7 @@ def describe_model(
                 input=dict(inp, channels=int(model.normalize.mean.shape[1])),
                 normalize=dict(mean=model.normalize.mean.flatten().tolist(), std=model.normalize.std.flatten().tolist()),
                 weighting=_weighting_record(learn.loss_func), batch_size=int(getattr(learn.dls, 'bs', None) or 64),
-                saved_with=_versions())
+                ood=model.ood.record() if isinstance(getattr(model, 'ood', None), OODScore) else None, saved_with=_versions())
 
 # %% ../nbs/15_export.ipynb #1a056e35
 def empty_dataloaders(
@@ -190,6 +191,7 @@ def learner_from_description(
     wt = desc.get('weighting') or {}
     learn = mtl_learner(dls, tasks=tasks, arch=cfg.pop('arch'), weighting=wt.get('name') or 'vanilla', pretrained=False, path=path, **cfg)
     if desc.get('mixbn'): convert_to_mixbn(learn.model)
+    if desc.get('ood'): learn.model.ood = ood_from_record(desc['ood'], where)
     if wt.get('name') and wt.get('state'):
         now = learn.loss_func.weighting.state_dict()
         learn.loss_func.weighting.load_state_dict({k: torch.tensor([np.nan if x is None else x for x in v]).view_as(now[k]) for k, v in wt['state'].items()})

@@ -127,7 +127,9 @@ def predict(
     dl = self.dls.test_dl(pd.DataFrame({'image': [item]}, dtype=object), num_workers=0)
     preds, _, decoded = self.get_preds(dl=dl, with_decoded=True)
     size = PILImage.create(item).size
-    return {t.name: t.prediction(d[0], preds[t.name][0], size) for t, d in zip(self.tasks, decoded)}
+    res = {t.name: t.prediction(d[0], preds[t.name][0], size) for t, d in zip(self.tasks, decoded)}
+    if hasattr(ood := getattr(self.model, 'ood', None), 'scores'): res['ood'] = ood.scores(self.model, dl).iloc[0].to_dict()
+    return res
 
 # %% ../nbs/10_learner.ipynb #a74c1794
 def _decoded_samples(dl, b, drawn):

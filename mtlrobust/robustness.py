@@ -16,13 +16,14 @@ from fastcore.all import *
 from fastprogress.fastprogress import progress_bar
 from .metrics import _plain
 from .tasks import compute_task_metrics
-from .attacks import MultiTaskPGD, WGD, SpatialAttack, HybridAttack
+from .attacks import MultiTaskPGD, WGD, MultiTaskAPGD, SpatialAttack, HybridAttack
 
 # %% auto #0
 __all__ = ['ATTACKS', 'PLOT_METRICS', 'model_of', 'attacked_predictions', 'rate_of_invariance', 'perturbed_rows',
            'per_sample_losses', 'adversarial_vulnerability', 'task_errors', 'relative_vulnerability',
            'relative_task_vulnerability', 'attack_measures', 'marginal_vulnerability', 'pgd_attack', 'fgsm_attack',
-           'wgd_attack', 'robustness_report', 'plot_robustness', 'hpat_settings', 'hpat_attack', 'hybrid_environment']
+           'wgd_attack', 'apgd_attack', 'robustness_report', 'plot_robustness', 'hpat_settings', 'hpat_attack',
+           'hybrid_environment']
 
 # %% ../nbs/13_robustness.ipynb #4d7d737d
 def model_of(
@@ -257,8 +258,11 @@ def fgsm_attack(tasks, eps, norm, steps):
 def wgd_attack(tasks, eps, norm, steps):
     "Ghamizi et al.'s weighted gradient descent on `tasks`"
     return WGD(tasks=list(tasks), eps=eps, steps=steps, norm=norm)
+def apgd_attack(tasks, eps, norm, steps):
+    "APGD (Croce & Hein) on the joint loss of `tasks`: no step size to tune"
+    return MultiTaskAPGD(tasks=list(tasks), eps=eps, steps=steps, norm=norm)
 
-ATTACKS = dict(pgd=pgd_attack, fgsm=fgsm_attack, wgd=wgd_attack)
+ATTACKS = dict(pgd=pgd_attack, fgsm=fgsm_attack, wgd=wgd_attack, apgd=apgd_attack)
 
 # %% ../nbs/13_robustness.ipynb #141e6444
 def _attack_factories(attacks)->dict:

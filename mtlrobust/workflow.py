@@ -73,10 +73,15 @@ NAMED_TASKS = dict(label=lambda table, seed: (table, classification_task()),
                    concepts=_concepts,
                    random=lambda table, seed: (add_random_target(table, seed=seed), random_task()))
 
+def _one_concept(table, name:str):
+    "One concept of `concepts.CONCEPTS` as its own task (named after it), measured and standardised as `concepts` is"
+    if name not in CONCEPTS: raise ValueError(f"--tasks: unknown concept {name!r} in 'concept:{name}'; the concepts are {', '.join(CONCEPTS)}")
+    return _concepts(table, 0)[0], concept_task([name], name=name)
+
 # %% ../nbs/14_workflow.ipynb #3da948a9
 def parse_tasks(
     table:pd.DataFrame, # sample table (concepts are added to it when asked for)
-    tasks:str, # comma-separated: label, mask, concepts, random or any column name
+    tasks:str, # comma-separated: label, mask, concepts, concept:NAME, random or any column name
     adversarial:str=None, # comma-separated columns to predict through gradient reversal
     seed:int=0, # seed of the random target
 )->tuple:
@@ -87,6 +92,7 @@ def parse_tasks(
     for n in names + adv:
         if n in adv: res.append(adversarial_task(n, continuous=pd.api.types.is_numeric_dtype(table[n])))
         elif n in NAMED_TASKS: table, t = NAMED_TASKS[n](table, seed); res.append(t)
+        elif n.startswith('concept:'): table, t = _one_concept(table, n.split(':', 1)[1]); res.append(t)
         elif n in table.columns: res.append(task_spec(table, n))
         else: raise ValueError(f"--tasks: unknown task {n!r}; use {', '.join(NAMED_TASKS)} or a column of the data {list(table.columns)}")
     return table, res

@@ -71,3 +71,45 @@ def test_proposal_attacks_degrade_from_clean():
     for c in ('label_correct', 'mask_dice_nucleus'):
         both = clean[c].dropna().index.intersection(strongest[c].dropna().index)
         assert len(both) and (strongest.loc[both, c] <= clean.loc[both, c] + 1e-9).all(), f"PGD 8/255 raised {c} above the clean value"
+
+def test_proposal_ood_scores_are_per_run_aurocs():
+    d = _table('31_wbc_proposal_ood.csv')
+    fct.test_eq(set(d.score), {'mahalanobis', 'energy'}); fct.test_eq(set(d.held_out), {'Dataset 1', 'Dataset 2', 'PBC'})
+    assert d[['auroc', 'auroc_low', 'auroc_high', 'flagged_held_in', 'flagged_held_out']].stack().between(0, 1).all()
+    assert (d.auroc_low <= d.auroc + 1e-9).all() and (d.auroc <= d.auroc_high + 1e-9).all()
+    assert d.groupby(['config', 'score', 'held_out']).seed.nunique().ge(3).all()
+
+def test_guided_results_cover_the_ablation():
+    d = _table('32_guided_mtl_results.csv')
+    _check_tidy(d, '32_guided_mtl_results.csv')
+    fct.test_eq(set(d.eval_set), {'test', 'PBC'}); fct.test_eq(d.config.nunique(), 20)
+    assert d.groupby('config').seed.nunique().ge(3).all()
+    r2 = d[d.metric.str.contains('_r2_') & (d.eval_set == 'test')]
+    assert len(r2) and r2.value.le(1).all()  # R² is at most 1 (it may be negative)
+
+def test_guided_comparisons_have_consistent_intervals():
+    for name in ('32_guided_mtl_vs_baseline.csv', '32_guided_mtl_weighting.csv'):
+        d = _table(name)
+        assert (d.low <= d.effect + 1e-9).all() and (d.effect <= d.high + 1e-9).all(), name
+        assert (d.p <= d.p_holm + 1e-12).all() and d.p_holm.le(1).all(), name
+        fct.test_eq(set(d.score), {'label_correct', 'label_p_true'})
+
+def test_multidataset_cv_covers_methods_backbones_and_folds():
+    d = _table('33_multidataset_cv.csv')
+    _check_tidy(d, '33_multidataset_cv.csv')
+    fct.test_eq(d.method.nunique(), 7); fct.test_eq(d.backbone.nunique(), 6)
+    assert d.groupby(['method', 'backbone']).split.nunique().ge(3).all()
+    single = d.query("method == 'single-task PBC' and eval_set == 'test'")
+    assert single.metric.str.startswith('pbc_label').all()  # a single-task model scores its own task only
+
+def test_multidataset_comparisons_pair_folds_and_backbones():
+    d = _table('33_multidataset_joint_vs.csv')
+    assert (d.low <= d.effect + 1e-9).all() and (d.effect <= d.high + 1e-9).all()
+    assert (d.p <= d.p_holm + 1e-12).all() and d.p_holm.le(1).all()
+    assert d.n.le(18).all() and d.n.ge(3).all()  # pairs over 3 folds x 6 backbones at most
+
+def test_ghamizi_rank_correlations_are_bounded():
+    d = _table('34_ghamizi_rq4.csv')
+    fct.test_eq(set(d.correlation), {'Pearson', 'Spearman'})
+    assert d.value.between(-1, 1).all() and (d.low <= d.value + 1e-9).all() and (d.value <= d.high + 1e-9).all()
+    fct.test_eq(set(d.task_sets), {8})
