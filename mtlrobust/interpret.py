@@ -203,7 +203,7 @@ class OODScore(nn.Module):
     "Out-of-distribution score from the activations of one layer: fitted on training rows, higher is further out"
     kind = None
     def __init__(self,
-        layer:str='dense', # `probe_layers` name or module path read (the last dense layer by default)
+        layer:str='dense', # `probe_layers` name, module path, 'dense' (the last dense layer) or 'logits' (the class head)
         quantile:float=0.95, # share of in-distribution cells the threshold should pass
     ):
         super().__init__()
@@ -218,7 +218,11 @@ class OODScore(nn.Module):
 
 # %% ../nbs/13a_interpret.ipynb #i0000049
 def _layer(model:nn.Module, layer:str)->str:
-    "The layer `layer` means in `model` ('dense': its last dense layer, else its pooled features)"
+    "The layer `layer` means in `model` ('dense': its last dense layer, else its pooled features; 'logits': its class head)"
+    if layer == 'logits':
+        heads = [t.name for t in model.tasks if isinstance(t, ClassificationTask) and not t.adversarial]
+        if not heads: raise ValueError(f"the energy score reads class logits; the model's tasks {[t.name for t in model.tasks]} have no class head")
+        return f'heads.{heads[0]}'
     if layer != 'dense': return layer
     names = list(probe_layers(model))
     return ([n for n in names if n.startswith('dense')] or [n for n in names if n == 'pooled'] or names)[-1]
@@ -242,7 +246,7 @@ class MahalanobisScore(OODScore):
 class EnergyScore(OODScore):
     "Energy of the class logits, -T logsumexp(f/T) (Liu et al. 2020)"
     kind = 'energy'
-    def __init__(self, layer='heads.label', quantile=0.95, temperature:float=1.):
+    def __init__(self, layer='logits', quantile=0.95, temperature:float=1.):
         super().__init__(layer, quantile); self.temperature = temperature
     def score(self, X): return (-self.temperature * torch.logsumexp(torch.as_tensor(X).float()/self.temperature, 1)).numpy()
     def record(self): return {**super().record(), 'temperature': self.temperature}
