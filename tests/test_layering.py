@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).parent.parent/'mtlrobust'
-SRC = re.compile(r"File to edit: \.\./(?:\.\./)?nbs/(\d+)_[^/]+\.ipynb")
+SRC = re.compile(r"File to edit: \.\./(?:\.\./)?nbs/(\d+)([a-z]?)_[^/]+\.ipynb")  # 13a comes after 13, before 14
 
 def _modules():
     "Module name -> (notebook number, source) of every exported module"
@@ -12,7 +12,7 @@ def _modules():
     for f in sorted(PKG.rglob('*.py')):
         text = f.read_text()
         if m := SRC.search(text):
-            res['.'.join(f.relative_to(PKG.parent).with_suffix('').parts)] = (int(m.group(1)), text)
+            res['.'.join(f.relative_to(PKG.parent).with_suffix('').parts)] = ((int(m.group(1)), m.group(2)), text)
     return res
 
 MODULES = _modules()
@@ -31,6 +31,7 @@ def _imported(name, text):
 
 def test_every_module_is_exported_from_a_numbered_notebook():
     assert len(MODULES) >= 15 and 'mtlrobust.tasks' in MODULES and 'mtlrobust.cli' in MODULES
+    assert MODULES['mtlrobust.robustness'][0] < MODULES['mtlrobust.interpret'][0] < MODULES['mtlrobust.workflow'][0]
 
 @pytest.mark.parametrize('name', sorted(MODULES))
 def test_imports_run_one_way(name):
