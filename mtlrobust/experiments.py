@@ -51,12 +51,16 @@ class Config:
 def as_config(
     c, # a `Config`, or a dict of its fields
 )->Config:
-    "`c` as a `Config`; an unknown key is an error that names it and the known ones"
-    if isinstance(c, Config): return c
-    known = [f.name for f in dataclasses.fields(Config)]
-    if unknown := [k for k in c if k not in known]: raise ValueError(f"configuration {c.get('name')!r}: unknown keys {unknown}; a configuration has {known}")
-    if 'name' not in c: raise ValueError(f"a configuration needs a `name`; got keys {list(c)}")
-    return Config(**c)
+    "`c` as a `Config`; an unknown key, or a name that is not one folder name, is an error that says so"
+    if not isinstance(c, Config):
+        known = [f.name for f in dataclasses.fields(Config)]
+        if unknown := [k for k in c if k not in known]: raise ValueError(f"configuration {c.get('name')!r}: unknown keys {unknown}; a configuration has {known}")
+        if 'name' not in c: raise ValueError(f"a configuration needs a `name`; got keys {list(c)}")
+        c = Config(**c)
+    # the name is the run's folder: a separator would nest it, and load_samples would read it back under another name
+    if not c.name or any(ch in c.name for ch in '/\\') or c.name in ('.', '..'):
+        raise ValueError(f"configuration name {c.name!r} must be a folder name: no '/' or '\\', not empty, '.' or '..'")
+    return c
 
 # %% ../nbs/16_experiments.ipynb #e000000b
 def _plain_setting(o):
