@@ -370,10 +370,19 @@ def _candidates(rng, best_u:np.ndarray, n:int)->np.ndarray:
     local = np.clip(best_u + 0.05*rng.standard_normal((max(n//4, 1), len(best_u))), 0, 1)
     return np.concatenate([rng.random((n, len(best_u))), local])
 
+def _search_free_axes(search, f, bounds:np.ndarray, free:np.ndarray, P:int, x0, **kwargs)->SimpleNamespace:
+    "`search` over the axes of non-zero width only, the others held at their bound (one evaluation if none is free)"
+    def full(z): X = np.repeat(bounds[None, :, 0], len(z), 0); X[:, free] = z; return X
+    if not free.any():
+        x = full(np.zeros((P, 0))); y = np.asarray(f(x), float).reshape(P)
+        return SimpleNamespace(x=x, y=y, X=x[:, None], Y=y[:, None])
+    res = search(lambda z: f(full(z)), bounds[free], n_problems=P, x0=None if x0 is None else np.asarray(x0, float)[..., free], **kwargs)
+    return SimpleNamespace(x=full(res.x), y=res.y, X=full(res.X.reshape(-1, free.sum())).reshape(*res.X.shape[:2], -1), Y=res.Y)
+
 # %% ../nbs/11_attacks.ipynb #c9a3a841
 def bayes_opt_maximise(
     f, # maps points (P, d) to values (P,): one point of each of P independent problems, evaluated together
-    bounds, # (d, 2): lower and upper bound of each coordinate
+    bounds, # (d, 2): lower and upper bound of each coordinate (equal bounds: the coordinate is held there)
     budget:int=100, # evaluations of `f` per problem, initial design included
     n_init:int=10, # size of the initial design (`x0` included)
     seed:int=None, # seed of the design, the candidates and the GP fits
@@ -385,6 +394,9 @@ def bayes_opt_maximise(
 )->SimpleNamespace: # x (P, d) and y (P,): the best point and value; X (P, budget, d), Y (P, budget): all evaluations
     "Maximise `f` on the box `bounds` by GP Bayesian optimisation with expected improvement (HPAT eq. 5-9)"
     bounds = np.asarray(bounds, float)
+    if not (free := bounds[:, 1] > bounds[:, 0]).all():
+        return _search_free_axes(bayes_opt_maximise, f, bounds, free, n_problems, x0, budget=budget, n_init=n_init, seed=seed,
+                                 n_candidates=n_candidates, refit_every=refit_every, xi=xi)
     lo, span, d, P = bounds[:, 0], bounds[:, 1] - bounds[:, 0], len(bounds), n_problems
     rng = np.random.default_rng(seed)
     n_init = int(np.clip(n_init, 1, budget))
@@ -419,12 +431,18 @@ def grid_counts(
         if np.prod(counts) // counts[i] * (counts[i] + 1) <= budget: counts[i] += 1
     return counts
 
+def _axis_points(lo:float, hi:float, n:int, periodic:bool)->np.ndarray:
+    "`n` evenly spaced values of [lo, hi]; of [lo, hi) on a periodic axis, whose two ends are one point"
+    return np.linspace(lo, hi, n, endpoint=not periodic) if n > 1 else np.array([(lo + hi)/2])
+
 def grid_points(
     bounds, # (d, 2) lower and upper bounds
     budget:int, # most grid points
+    periodic=None, # per axis: its two ends are the same point (a full turn, -180 = 180 degrees); default none
 )->np.ndarray:
     "The identity (all zeros) followed by a regular grid of at most `budget - 1` points of the box (zeros not repeated)"
-    axes = [np.linspace(lo, hi, n) if n > 1 else np.array([(lo + hi)/2]) for (lo, hi), n in zip(bounds, grid_counts(max(budget - 1, 1), len(bounds)))]
+    periodic = ifnone(periodic, [False]*len(bounds))
+    axes = [_axis_points(lo, hi, n, p) for (lo, hi), n, p in zip(bounds, grid_counts(max(budget - 1, 1), len(bounds)), periodic)]
     pts = np.stack(np.meshgrid(*axes, indexing='ij'), -1).reshape(-1, len(bounds))
     return np.concatenate([np.zeros((1, len(bounds))), pts[np.abs(pts).sum(1) > 0]])
 
@@ -484,7 +502,7 @@ def search_params(self:SpatialAttack, model, x:Tensor, y:tuple, tasks:L)->tuple:
         res = bayes_opt_maximise(lambda p: f(to_t(p)).cpu().numpy(), self.bounds, self.budget, self.n_init, self.seed,
                                  n_problems=len(x), x0=np.zeros(3))
         return to_t(res.x), res.Y
-    grid = to_t(grid_points(self.bounds, self.budget))
+    grid = to_t(grid_points(self.bounds, self.budget, periodic=[self.max_angle >= 180, False, False]))
     k = max(self.max_batch // len(x), 1)
     values = torch.cat([f(chunk.repeat_interleave(len(x), 0)).view(len(chunk), len(x)) for chunk in grid.split(k)]).T
     return grid[values.argmax(1)], values.cpu().numpy()

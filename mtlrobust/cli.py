@@ -28,6 +28,14 @@ from .interpret import fit_ood, ood_scores
 __all__ = ['COMMANDS', 'USER_ERRORS', 'mtlrobust_train', 'mtlrobust_evaluate', 'mtlrobust_attack', 'mtlrobust_demo', 'main']
 
 # %% ../nbs/20_cli.ipynb #3e1867b8
+def _ood_report(learn, table:pd.DataFrame)->dict|None:
+    "Threshold, flagged count and share, and per-image scores of the model's out-of-distribution score (None without one)"
+    if getattr(learn.model, 'ood', None) is None: return None
+    s = ood_scores(learn, table, progress=False)
+    return dict(kind=learn.model.ood.kind, threshold=float(learn.model.ood.threshold), flagged=int(s.ood_flagged.sum()),
+                flagged_share=float(s.ood_flagged.mean()), images=[dict(image=str(i), score=float(v), flagged=bool(f))
+                                                                   for i, v, f in zip(table.image, s.ood_score, s.ood_flagged)])
+
 def _check_split(table:pd.DataFrame, given:bool, valid_pct:float, test_pct:float):
     "Refuse a split without training or test rows, naming what produced it"
     for s, need in (('train', 'training'), ('test', 'test')):
@@ -85,7 +93,7 @@ def mtlrobust_train(
                       stain_norm=stain_norm, hed_jitter=hed_jitter, grey=grey, validate_every=validate_every,
                       n_train=int((table.split == 'train').sum()), n_test=int((table.split == 'test').sum()),
                       train_seconds=round(time.time()-start, 1), test_metrics=metrics,
-                      ood=dict(kind=ood.kind, layer=ood.layer, quantile=ood.quantile, threshold=float(ood.threshold), test_flagged=float(ood_scores(learn, test, progress=False).ood_flagged.mean())))
+                      ood=dict(layer=ood.layer, quantile=ood.quantile, **_ood_report(learn, test)))
         save_model(learn, folder, name=dest['model.json'].stem, size=size)
         learn.export(dest['model.pkl'].absolute())
         save_manifest(table, dest['split.csv'])
@@ -104,14 +112,6 @@ def _load_model(
     try: return load_model(p, trust_pickle=trust_pickle)
     except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
         raise ValueError(f"MODEL {model!r} is not a model saved by mtlrobust train, or it is damaged ({' '.join(str(e).split())[:160]})") from e
-
-def _ood_report(learn, table:pd.DataFrame)->dict|None:
-    "Threshold, flagged count and share, and per-image scores of the model's out-of-distribution score (None without one)"
-    if getattr(learn.model, 'ood', None) is None: return None
-    s = ood_scores(learn, table, progress=False)
-    return dict(kind=learn.model.ood.kind, threshold=float(learn.model.ood.threshold), flagged=int(s.ood_flagged.sum()),
-                flagged_share=float(s.ood_flagged.mean()), images=[dict(image=str(i), score=float(v), flagged=bool(f))
-                                                                   for i, v, f in zip(table.image, s.ood_score, s.ood_flagged)])
 
 def _check_split_name(split:str):
     if split is not None and split not in SPLITS: raise ValueError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")

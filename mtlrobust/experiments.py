@@ -15,10 +15,12 @@ import numpy as np, pandas as pd, torch
 from torch import Tensor
 from scipy import stats
 from fastcore.all import *
+from fastai.callback.core import Callback
 from fastprogress.fastprogress import progress_bar
 from .core import *
 from .tasks import Task, task_metrics
 from .data import SPLITS, split_stratified, kfold_splits, leave_one_domain_out, mtl_dataloaders
+from .metrics import bootstrap_interval
 from .weighting import MultiTaskLoss
 from .learner import MTLLearner
 from .workflow import parse_tasks, train_model, split_for_training, RECIPE
@@ -28,8 +30,8 @@ from .export import save_model, load_model
 __all__ = ['Config', 'as_config', 'config_settings', 'table_fingerprint', 'SplitPlan', 'FixedSplit', 'SeededSplit', 'KFold',
            'LeaveOneDomainOut', 'PartlyLabelled', 'nested_fraction', 'TrainingFractions', 'evaluate_samples',
            'model_learner', 'config_tasks', 'train_run', 'RunFolder', 'plan_runs', 'run_grid', 'load_samples',
-           'mean_interval', 'summarise', 'bootstrap_interval', 'paired_bootstrap', 'mcnemar_exact', 'wilcoxon_p',
-           'holm', 'compare', 'compare_samples', 'format_summary', 'plot_fractions', 'plot_results']
+           'mean_interval', 'summarise', 'paired_bootstrap', 'mcnemar_exact', 'wilcoxon_p', 'holm', 'compare',
+           'compare_samples', 'format_summary', 'plot_fractions', 'plot_results']
 
 # %% ../nbs/16_experiments.ipynb #e0000008
 @dataclass
@@ -66,6 +68,9 @@ def as_config(
 def _plain_setting(o):
     "JSON-friendly form of a setting value"
     if isinstance(o, Task): return {'kind': o.kind, **{f.name: _plain_setting(getattr(o, f.name)) for f in dataclasses.fields(o)}}
+    # a fastai callback's repr is its class name alone: its attributes must be recorded, or a changed budget would reuse a cached run
+    if isinstance(o, Callback): return {'callback': f'{type(o).__module__}.{type(o).__qualname__}',
+                                        **{k: _plain_setting(v) for k, v in vars(o).items() if not k.startswith('_') and k != 'learn'}}
     if callable(o) and hasattr(o, '__qualname__'): return f"{getattr(o, '__module__', '')}.{o.__qualname__}"
     if isinstance(o, dict): return {str(k): _plain_setting(v) for k, v in o.items()}
     if isinstance(o, (list, tuple, L)): return [_plain_setting(v) for v in o]
@@ -371,19 +376,6 @@ def summarise(
     return pd.DataFrame(rows)
 
 # %% ../nbs/16_experiments.ipynb #e0000027
-def bootstrap_interval(
-    samples, # per-sample values (e.g. correctness), or a tuple of per-sample arrays for `statistic`
-    statistic=np.mean, # function of the sample arrays -> number
-    confidence:float=0.95, # confidence level
-    n_resamples:int=2000, # bootstrap resamples
-    seed:int=0, # random seed
-)->tuple:
-    "(value, low, high): the statistic and its percentile bootstrap interval over the samples"
-    data = samples if isinstance(samples, tuple) else (np.asarray(samples, float),)
-    res = stats.bootstrap(data, statistic, paired=True, vectorized=False, confidence_level=confidence, n_resamples=n_resamples,
-                          method='percentile', random_state=np.random.default_rng(seed))
-    return statistic(*data), res.confidence_interval.low, res.confidence_interval.high
-
 def paired_bootstrap(
     a, b, # per-sample values of two models on the same samples (or tuples of arrays for `statistic`)
     statistic=np.mean, # function of one model's sample arrays -> number
@@ -467,7 +459,9 @@ def compare_samples(
     for s in scores:
         ok = a[s].notna() & b[s].notna()
         effect, lo, hi = paired_bootstrap(a[s][ok].to_numpy(float), b[s][ok].to_numpy(float), **kwargs)
-        p = mcnemar_exact(a[s][ok].astype(bool), b[s][ok].astype(bool))[2] if s.endswith('_correct') else wilcoxon_p(a[s][ok], b[s][ok])
+        # McNemar needs right/wrong per sample: a share of folds right (averaged above) goes to Wilcoxon like any score
+        binary = s.endswith('_correct') and all(np.isin(t[s][ok], (0, 1)).all() for t in (a, b))
+        p = mcnemar_exact(a[s][ok].astype(bool), b[s][ok].astype(bool))[2] if binary else wilcoxon_p(a[s][ok], b[s][ok])
         rows.append(dict(score=s, a=a[s][ok].mean(), b=b[s][ok].mean(), effect=effect, low=lo, high=hi, n=int(ok.sum()), p=p))
     res = pd.DataFrame(rows)
     res['p_holm'] = holm(res.p)

@@ -10,7 +10,6 @@ import copy, hashlib, json
 from pathlib import Path
 import numpy as np, pandas as pd, torch, matplotlib.pyplot as plt, seaborn as sns
 from torch import nn, Tensor
-from scipy import stats
 from fastcore.all import *
 from fastai.callback.hook import Hooks
 from fastai.torch_core import set_seed, to_np
@@ -22,6 +21,7 @@ from sklearn.metrics import r2_score, accuracy_score, balanced_accuracy_score, r
 from sklearn.model_selection import KFold, StratifiedKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
+from .metrics import bootstrap_interval
 from .tasks import ClassificationTask
 from .learner import MTLLearner
 
@@ -105,12 +105,6 @@ def untrained_like(
 # %% ../nbs/13a_interpret.ipynb #i0000024
 RIDGE_ALPHAS = np.logspace(-3, 5, 17)
 
-def _interval(data:tuple, statistic, seed:int=0, n_resamples:int=1000, paired:bool=True)->tuple:
-    "(value, low, high): `statistic` of the arrays in `data` and its 95% percentile bootstrap interval (scipy)"
-    res = stats.bootstrap(data, statistic, paired=paired, vectorized=False, n_resamples=n_resamples, method='percentile',
-                          random_state=np.random.default_rng(seed))
-    return float(statistic(*data)), float(res.confidence_interval.low), float(res.confidence_interval.high)
-
 def concept_probe(
     acts:dict, # layer name -> (N, channels) activations (`layer_activations`)
     concepts:pd.DataFrame, # N rows of concept values (NaN rows are left out per concept)
@@ -126,7 +120,7 @@ def concept_probe(
             ok = np.isfinite(y)
             if ok.sum() < 2*folds: raise ValueError(f"concept {c!r} has {ok.sum()} values; {folds}-fold probes need at least {2*folds}")
             pred = cross_val_predict(make_pipeline(StandardScaler(), RidgeCV(alphas=RIDGE_ALPHAS)), X[ok], y[ok], cv=KFold(folds, shuffle=True, random_state=seed))
-            rows.append(dict(layer=layer, concept=c, **dict(zip(('r2', 'low', 'high'), _interval((y[ok], pred), r2_score, seed))), n=int(ok.sum())))
+            rows.append(dict(layer=layer, concept=c, **dict(zip(('r2', 'low', 'high'), bootstrap_interval((y[ok], pred), r2_score, seed=seed))), n=int(ok.sum())))
     return pd.DataFrame(rows)
 
 # %% ../nbs/13a_interpret.ipynb #i0000029
@@ -158,7 +152,7 @@ def domain_probe(
     clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     pred = cross_val_predict(clf, X, y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed))
     chance = dict(accuracy=counts.max()/len(y), balanced_accuracy=1/len(counts))
-    rows = [dict(metric=m, **dict(zip(('value', 'low', 'high'), _interval((y, pred), f, seed))), chance=chance[m], n=len(y))
+    rows = [dict(metric=m, **dict(zip(('value', 'low', 'high'), bootstrap_interval((y, pred), f, seed=seed))), chance=chance[m], n=len(y))
             for m, f in (('accuracy', accuracy_score), ('balanced_accuracy', balanced_accuracy_score))]
     return pd.DataFrame(rows)
 
@@ -282,9 +276,10 @@ def fit_ood(
     ood.layer, col = _layer(learn.model, ood.layer), _class_column(learn)
     X = layer_activations(learn, train, [ood.layer], **kwargs)[ood.layer]
     y = train[col].astype(str).to_numpy() if col and col in train and train[col].notna().all() else None
-    held = layer_activations(learn, valid, [ood.layer], **kwargs)[ood.layer] if len(valid) else None
-    ref = ood.fit(X, y).score(held) if held is not None else _out_of_fold(ood, X, y, folds, seed)
-    ood.fit(X, y).threshold = torch.tensor(float(np.quantile(ref, ood.quantile)))
+    ref = None if len(valid) else _out_of_fold(ood, X, y, folds, seed)  # before fitting: the folds copy an unfitted score
+    ood.fit(X, y)
+    if ref is None: ref = ood.score(layer_activations(learn, valid, [ood.layer], **kwargs)[ood.layer])
+    ood.threshold = torch.tensor(float(np.quantile(ref, ood.quantile)))
     learn.model.ood = ood
     return ood
 
@@ -324,7 +319,7 @@ def ood_auroc(
 )->tuple:
     "(AUROC, low, high): how well the scores rank unseen-source cells above in-distribution ones, with a 95% bootstrap interval"
     auc = lambda a, b: roc_auc_score(np.r_[np.zeros(len(a)), np.ones(len(b))], np.r_[a, b])
-    return _interval((np.asarray(inside, float), np.asarray(outside, float)), auc, seed, paired=False)
+    return bootstrap_interval((np.asarray(inside, float), np.asarray(outside, float)), auc, seed=seed, paired=False)
 
 # %% ../nbs/13a_interpret.ipynb #i0000068
 def ood_from_record(

@@ -11,6 +11,7 @@ from math import nan
 from types import SimpleNamespace
 import numpy as np, torch
 from torch import Tensor
+from scipy import stats
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, f1_score, recall_score, roc_auc_score,
                              r2_score)
 from fastcore.all import *
@@ -20,7 +21,7 @@ from .core import SEG_CLASSES, MASK_IGNORE
 # %% auto #0
 __all__ = ['CLASSIFICATION_SCORES', 'as_probs', 'gmean_score', 'ovr_auc_score', 'chance_accuracy', 'classification_scores',
            'segmentation_overlaps', 'segmentation_scores', 'regression_scores', 'TaskMetric', 'ClassificationMetric',
-           'SegmentationMetric', 'RegressionMetric']
+           'SegmentationMetric', 'RegressionMetric', 'bootstrap_interval']
 
 # %% ../nbs/02_metrics.ipynb #d212f383
 def _plain(x)->Tensor:
@@ -220,3 +221,18 @@ class RegressionMetric(TaskMetric):
     def value(self):
         if not self.preds: return nan
         return regression_scores(torch.cat(self.preds), torch.cat(self.targs), [self.col])[self.key]
+
+# %% ../nbs/02_metrics.ipynb #m0000b02
+def bootstrap_interval(
+    samples, # per-sample values (e.g. correctness), or a tuple of per-sample arrays for `statistic`
+    statistic=np.mean, # function of the sample arrays -> number
+    confidence:float=0.95, # confidence level
+    n_resamples:int=2000, # bootstrap resamples
+    seed:int=0, # random seed
+    paired:bool=True, # resample the arrays together (False: each on its own, e.g. two groups)
+)->tuple:
+    "(value, low, high): the statistic and its percentile bootstrap interval over the samples"
+    data = samples if isinstance(samples, tuple) else (np.asarray(samples, float),)
+    res = stats.bootstrap(data, statistic, paired=paired, vectorized=False, confidence_level=confidence, n_resamples=n_resamples,
+                          method='percentile', random_state=np.random.default_rng(seed))
+    return float(statistic(*data)), float(res.confidence_interval.low), float(res.confidence_interval.high)

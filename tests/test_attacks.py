@@ -386,3 +386,13 @@ def test_grid_points_start_with_identity_and_respect_budget():
         g = grid_points(BOX, budget)
         assert len(g) <= budget and (g[0] == 0).all() and len(np.unique(g, axis=0)) == len(g)
         assert (np.abs(g) <= np.array([180, 12, 12])).all()
+        turn = grid_points(BOX, budget, periodic=[True, False, False])
+        assert len(turn) <= budget and not (turn[:, 0] == 180).any(), "-180 and 180 degrees are one rotation: the grid spends one point on it"
+
+
+def test_spatial_attack_holds_an_axis_of_no_width(trained):
+    x, y = _batch()
+    for search in ('bo', 'grid'):
+        atk = SpatialAttack('label', search, max_shift=0, budget=8, n_init=3, seed=0)
+        atk(trained, x, *y)
+        assert np.isfinite(atk.last_values).all() and (atk.last_params[:, 1:] == 0).all(), search

@@ -19,7 +19,7 @@ from ..attacks import MultiTaskPGD, SpatialAttack, HybridAttack
 # %% auto #0
 __all__ = ['BN_BRANCHES', 'RowRoute', 'row_route', 'DualBatchNorm', 'convert_to_mixbn', 'dual_bns', 'mark_adv_rows',
            'check_bn_branch', 'bn_branch', 'param_grads_kept', 'n_adversarial', 'adversarial_batch',
-           'AdversarialTraining', 'renew_opt', 'MixBN', 'hpat']
+           'AdversarialTraining', 'renew_opt', 'MixBN', 'hpat_callbacks', 'hpat']
 
 # %% ../../nbs/12_callback.adversarial.ipynb #7038e4f3
 BN_BRANCHES = ('clean', 'adv')
@@ -194,8 +194,7 @@ class MixBN(Callback):
     def after_fit(self): mark_adv_rows(self.learn.model, None)
 
 # %% ../../nbs/12_callback.adversarial.ipynb #ca34de2c
-def hpat(
-    learn, # fastai learner of a `MultiTaskModel` (`mtl_learner`)
+def hpat_callbacks(
     eps:float=6/255, # PGD radius (HPAT: 6/255)
     alpha:float=1/255, # PGD step size (HPAT: 1/255)
     steps:int=6, # PGD iterations (HPAT: 6)
@@ -206,8 +205,16 @@ def hpat(
     tasks='label', # task(s) whose loss both attacks maximise (HPAT: the classification)
     mixbn:bool=True, # separate BatchNorm statistics for the adversarial rows (HPAT's Table 2: with)
     seed:int=None, # seed of the Bayesian optimisation
-):
-    "Add Chen et al.'s hybrid-perturbation adversarial training to `learn` (returned): clean + PGD-then-STBO copies, MixBN"
+)->list:
+    "Chen et al.'s hybrid-perturbation adversarial training as fastai callbacks: clean + PGD-then-STBO copies, MixBN"
     attack = HybridAttack(MultiTaskPGD(tasks, eps=eps, alpha=alpha, steps=steps),
                           SpatialAttack(tasks, search, max_angle=max_angle, max_shift=max_shift, budget=budget, seed=seed))
-    return learn.add_cbs([AdversarialTraining(attack, ratio=0.5, concat=True)] + ([MixBN()] if mixbn else []))
+    return [AdversarialTraining(attack, ratio=0.5, concat=True)] + ([MixBN()] if mixbn else [])
+
+@delegates(hpat_callbacks)
+def hpat(
+    learn, # fastai learner of a `MultiTaskModel` (`mtl_learner`)
+    **kwargs, # `hpat_callbacks`' settings
+):
+    "Add `hpat_callbacks` to `learn` (returned): Chen et al.'s hybrid-perturbation adversarial training"
+    return learn.add_cbs(hpat_callbacks(**kwargs))
