@@ -276,9 +276,8 @@ def fit_ood(
     ood.layer, col = _layer(learn.model, ood.layer), _class_column(learn)
     X = layer_activations(learn, train, [ood.layer], **kwargs)[ood.layer]
     y = train[col].astype(str).to_numpy() if col and col in train and train[col].notna().all() else None
-    ref = None if len(valid) else _out_of_fold(ood, X, y, folds, seed)  # before fitting: the folds copy an unfitted score
-    ood.fit(X, y)
-    if ref is None: ref = ood.score(layer_activations(learn, valid, [ood.layer], **kwargs)[ood.layer])
+    ood.fit(X, y)  # the out-of-fold copies refit from scratch
+    ref = ood.score(layer_activations(learn, valid, [ood.layer], **kwargs)[ood.layer]) if len(valid) else _out_of_fold(ood, X, y, folds, seed)
     ood.threshold = torch.tensor(float(np.quantile(ref, ood.quantile)))
     learn.model.ood = ood
     return ood
