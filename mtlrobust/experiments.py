@@ -30,8 +30,8 @@ from .export import save_model, load_model
 __all__ = ['Config', 'as_config', 'config_settings', 'table_fingerprint', 'SplitPlan', 'FixedSplit', 'SeededSplit', 'KFold',
            'LeaveOneDomainOut', 'PartlyLabelled', 'nested_fraction', 'TrainingFractions', 'evaluate_samples',
            'model_learner', 'config_tasks', 'train_run', 'RunFolder', 'plan_runs', 'run_grid', 'load_samples',
-           'mean_interval', 'summarise', 'paired_bootstrap', 'mcnemar_exact', 'wilcoxon_p', 'holm', 'compare',
-           'compare_samples', 'format_summary', 'plot_fractions', 'plot_results']
+           'mean_interval', 'summarise', 'paired_bootstrap', 'mcnemar_exact', 'wilcoxon_p', 'holm', 'with_holm',
+           'compare', 'compare_samples', 'format_summary', 'plot_fractions', 'plot_results']
 
 # %% ../nbs/16_experiments.ipynb #e0000008
 @dataclass
@@ -256,7 +256,7 @@ class RunFolder:
 def save_training(self:RunFolder, learn, size:int):
     "Store the trained model (when it is a library model) and then the settings, which mark the training done"
     self.path.mkdir(parents=True, exist_ok=True)
-    for pattern in ('model.*', 'samples-*', 'metrics-*', 'task-history.csv'):  # left by an interrupted run: without settings.json, not a result
+    for pattern in ('model.*', 'samples-*', 'metrics-*', 'table-*', 'task-history.csv'):  # left by an interrupted run: without settings.json, not a result
         for f in self.path.glob(pattern): f.unlink()
     if hasattr(learn.model, 'config'): save_model(learn, self.path, size=size)
     if len(hist := getattr(learn, 'task_history', ())): _write_atomic(self.path/'task-history.csv', lambda p: hist.to_csv(p, index=False))
@@ -273,6 +273,14 @@ def learner(self:RunFolder):
     "The stored model of the run"
     if not (self.path/'model.json').exists(): raise FileNotFoundError(f"{self.path} has no stored model (its recipe does not make a library model): delete the folder to train it again")
     return load_model(self.path)
+
+@patch
+def table(self:RunFolder, name:str, make)->pd.DataFrame:
+    "Table `name` of the trained run (an attack's or a probe's results), read back, or made by `make()` and stored first"
+    if not self.trained: raise FileNotFoundError(f"{self.path} holds no trained run: train it (`run_grid`) before measuring it")
+    f = self.path/f'table-{name}.csv'
+    if not f.exists(): res = make(); _write_atomic(f, lambda p: res.to_csv(p, index=False))
+    return pd.read_csv(f)
 
 # %% ../nbs/16_experiments.ipynb #e000001c
 def _check_eval_sets(evals:dict, tasks_cols:list):
@@ -419,6 +427,15 @@ def _verdict(effect, p, alpha, higher_is_better=True):
     if np.isnan(p) or p >= alpha: return 'no detectable difference'
     return 'better' if (effect > 0) == higher_is_better else 'worse'
 
+def with_holm(
+    table:pd.DataFrame, # comparisons, one per row, with a `p` column (and an `effect` column for verdicts)
+    alpha:float=0.05, # significance level, after Holm's correction over all the rows
+)->pd.DataFrame:
+    "`table` with Holm-adjusted p-values over all its rows, and a verdict per row when it has effects"
+    res = table.assign(p_holm=holm(table.p))
+    if 'effect' in res: res['verdict'] = [_verdict(e, p, alpha) for e, p in zip(res.effect, res.p_holm)]
+    return res
+
 def compare(
     results:pd.DataFrame, # tidy results of `run_grid`
     a:str, # configuration compared
@@ -437,10 +454,7 @@ def compare(
     for (es, m), g in wide.groupby(level=['eval_set', 'metric'], sort=False):
         effect, lo, hi = mean_interval(g[a] - g[b], confidence)
         rows.append(dict(eval_set=es, metric=m, a=g[a].mean(), b=g[b].mean(), effect=effect, low=lo, high=hi, n=len(g), p=wilcoxon_p(g[a], g[b])))
-    res = pd.DataFrame(rows)
-    res['p_holm'] = holm(res.p)
-    res['verdict'] = [_verdict(e, p, alpha) for e, p in zip(res.effect, res.p_holm)]
-    return res.rename(columns={'a': a, 'b': b})
+    return with_holm(pd.DataFrame(rows), alpha).rename(columns={'a': a, 'b': b})
 
 # %% ../nbs/16_experiments.ipynb #e000002d
 def compare_samples(
@@ -451,7 +465,7 @@ def compare_samples(
     keys=('image',), # columns naming a sample: ('seed', 'image') pools the test cells of several seeds
     **kwargs, # confidence, n_resamples, seed of the bootstrap
 )->pd.DataFrame:
-    "Paired per-sample comparison: mean difference with its paired bootstrap interval; exact McNemar p for correctness, else Wilcoxon"
+    "Paired per-sample comparison: mean difference with its paired bootstrap interval; exact McNemar p for 0/1 scores, else Wilcoxon"
     # a sample scored by several runs of one key (the folds of a seed that all predict it) counts once, averaged
     a, b = (t.groupby(list(keys))[list(scores)].mean() for t in (samples_a, samples_b))
     if set(a.index) != set(b.index): raise ValueError(f"the two sample tables hold different samples (by {list(keys)}): compare models on the same test set")
@@ -459,14 +473,11 @@ def compare_samples(
     for s in scores:
         ok = a[s].notna() & b[s].notna()
         effect, lo, hi = paired_bootstrap(a[s][ok].to_numpy(float), b[s][ok].to_numpy(float), **kwargs)
-        # McNemar needs right/wrong per sample: a share of folds right (averaged above) goes to Wilcoxon like any score
-        binary = s.endswith('_correct') and all(np.isin(t[s][ok], (0, 1)).all() for t in (a, b))
+        # McNemar needs a yes/no per sample (right, invariant): a share of folds right (averaged above) goes to Wilcoxon
+        binary = all(np.isin(t[s][ok], (0, 1)).all() for t in (a, b))
         p = mcnemar_exact(a[s][ok].astype(bool), b[s][ok].astype(bool))[2] if binary else wilcoxon_p(a[s][ok], b[s][ok])
         rows.append(dict(score=s, a=a[s][ok].mean(), b=b[s][ok].mean(), effect=effect, low=lo, high=hi, n=int(ok.sum()), p=p))
-    res = pd.DataFrame(rows)
-    res['p_holm'] = holm(res.p)
-    res['verdict'] = [_verdict(e, p, alpha) for e, p in zip(res.effect, res.p_holm)]
-    return res
+    return with_holm(pd.DataFrame(rows), alpha)
 
 # %% ../nbs/16_experiments.ipynb #e0000030
 def format_summary(

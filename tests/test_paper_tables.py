@@ -130,11 +130,11 @@ def test_hpat_hybrid_environment_rates_are_shares():
 
 def test_hpat_search_comparison_counts_evaluations():
     d = _table('35_hpat_leukemia_search.csv')
-    fct.test_eq(set(d.search), {'bo', 'grid'})
+    fct.test_eq(set(d.search), {'STBO', 'STM'})
     assert (d.evaluations <= d.budget).all() and d.seconds.gt(0).all()
 
 def test_hpat_paired_tests_have_consistent_intervals():
     for name in ('35_hpat_leukemia_hybrid_tests.csv', '35_hpat_leukemia_mixbn_tests.csv', '35_hpat_leukemia_search_tests.csv'):
         d = _table(name)
-        assert (d.low <= d.difference + 1e-9).all() and (d.difference <= d.high + 1e-9).all(), name
+        assert (d.low <= d.effect + 1e-9).all() and (d.effect <= d.high + 1e-9).all(), name
         assert (d.p <= d.p_holm + 1e-12).all() and d.p_holm.le(1).all(), name
