@@ -425,15 +425,19 @@ def holm(
 # %% ../nbs/16_experiments.ipynb #e000002c
 def _verdict(effect, p, alpha, higher_is_better=True):
     if np.isnan(p) or p >= alpha: return 'no detectable difference'
+    if higher_is_better is None: return 'higher' if effect > 0 else 'lower'
     return 'better' if (effect > 0) == higher_is_better else 'worse'
 
 def with_holm(
     table:pd.DataFrame, # comparisons, one per row, with a `p` column (and an `effect` column for verdicts)
-    alpha:float=0.05, # significance level, after Holm's correction over all the rows
+    alpha:float=0.05, # significance level, after Holm's correction
+    by=None, # columns naming a family: Holm within each family (default: over all the rows)
+    higher_is_better:bool|None=True, # direction of the scores; None: a direction-neutral verdict ('higher'/'lower')
 )->pd.DataFrame:
-    "`table` with Holm-adjusted p-values over all its rows, and a verdict per row when it has effects"
-    res = table.assign(p_holm=holm(table.p))
-    if 'effect' in res: res['verdict'] = [_verdict(e, p, alpha) for e, p in zip(res.effect, res.p_holm)]
+    "`table` with Holm-adjusted p-values over all its rows (or within each family), and a verdict per row when it has effects"
+    p_holm = table.groupby(list(by), sort=False).p.transform(holm) if by else holm(table.p)
+    res = table.assign(p_holm=p_holm)
+    if 'effect' in res: res['verdict'] = [_verdict(e, p, alpha, higher_is_better) for e, p in zip(res.effect, res.p_holm)]
     return res
 
 def compare(
