@@ -64,12 +64,14 @@ def mtlrobust_train(
     hed_jitter:float=0., # add HED stain augmentation of this range (Tellez et al.: 0.05 light, 0.2 strong); 0: none
     grey:bool=False, # grey-level input: the model cannot use colour
     validate_every:int=5, # validate (the valid rows, else the test rows) every this many epochs and after the last
+    workers:int=0, # image loader processes: 0 reads them in the training process; more for thousands of full-size images
     n_synthetic:int=600, # images drawn when DATA is 'synthetic'
     bad_files:str='skip', # damaged or unreadable image/mask files: skip (with a warning naming them) or raise
     out:str=None, # output folder (must be new or empty)
 ):
     "Train a multi-task model; save it (safe format and fastai pickle), the split and metrics.json in a new folder"
     check_training_options(size, bs, epochs, lr, valid_pct, test_pct, arch, weighting, stain_norm, hed_jitter, validate_every)
+    if workers < 0: raise ValueError(f"--workers {workers}: give 0 (images read in the training process) or more loader processes")
     if num_distrib() > 1: process_batch_size(bs, num_distrib())  # --bs must divide among the processes
     folder = output_folder(out, 'train')
     writes = not rank_distrib()  # in a launch of several processes, rank 0 alone evaluates, writes and reports
@@ -84,13 +86,13 @@ def mtlrobust_train(
         start = time.time()
         aug = mtl_augmentations() + [HEDJitter(hed_jitter, hed_jitter)] if hed_jitter else True
         learn = train_model(table, task_list, arch, size, bs, epochs, lr, weighting, seed, pretrained, aug=aug, stain=stain_norm,
-                            validate_every=validate_every, **({'grey': True} if grey else {}))
+                            validate_every=validate_every, num_workers=workers, **({'grey': True} if grey else {}))
         if not writes: return None
         ood = fit_ood(learn, table[table.split != 'test'], progress=False)
         metrics = evaluate_table(learn, test := table[table.split == 'test'])
         report = dict(data=str(data), tasks=tasks, adversarial=adversarial, processes=max(num_distrib(), 1),
                       arch=arch, size=size, bs=bs, epochs=epochs, lr=lr, weighting=weighting, seed=seed,
-                      stain_norm=stain_norm, hed_jitter=hed_jitter, grey=grey, validate_every=validate_every,
+                      stain_norm=stain_norm, hed_jitter=hed_jitter, grey=grey, validate_every=validate_every, workers=workers,
                       n_train=int((table.split == 'train').sum()), n_test=int((table.split == 'test').sum()),
                       train_seconds=round(time.time()-start, 1), test_metrics=metrics,
                       ood=dict(layer=ood.layer, quantile=ood.quantile, **_ood_report(learn, test)))

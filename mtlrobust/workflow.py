@@ -298,6 +298,7 @@ def train_model(
     stain:str=None, # stain normalisation of every image, fitted on training images (`fit_stain`): 'reinhard' or 'macenko'
     init=None, # a trained model or learner (same architecture) whose backbone and shared layers start this one (`load_shared`)
     validate_every:int=5, # validation pass every this many epochs and after the last (`ValidateEvery`); 1: every epoch
+    num_workers:int=0, # loader processes; 0 reads the images in this process (fastai starts its workers anew every epoch)
     **kwargs, # passed to `mtl_learner` (and `grey=True` to the model)
 ):
     "A multi-task learner trained with one-cycle on the table's train rows (on every process of a launch), once the options, rows and memory are checked"
@@ -309,7 +310,7 @@ def train_model(
     if n > 1: bs, dl_kw = process_batch_size(bs, n), dict(device=process_device())
     if memory_check: check_memory(specs, arch, size, bs, available=_memory_share(dl_kw.get('device'), n), **_model_kwargs(kwargs))
     set_seed(seed, reproducible=True)
-    dls = mtl_dataloaders(table, tasks=tasks, size=size, bs=bs, split=_fit_split(table), seed=seed, aug=aug, item_tfms=item_tfms, **dl_kw)
+    dls = mtl_dataloaders(table, tasks=tasks, size=size, bs=bs, split=_fit_split(table), seed=seed, aug=aug, item_tfms=item_tfms, num_workers=num_workers, **dl_kw)
     learn = mtl_learner(dls, arch=arch, weighting=weighting, pretrained=pretrained, **kwargs)
     if init is not None: learn.model.load_shared(init)
     learn.add_cb(ValidateEvery(validate_every))
