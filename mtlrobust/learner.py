@@ -81,7 +81,8 @@ def mtl_learner(
     learner_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in inspect.signature(Learner.__init__).parameters}
     model = MultiTaskModel(arch, tasks, **kwargs)
     loss = MultiTaskLoss(tasks, weighting)
-    cbs = [TaskWeightRecorder()] + L(cbs)
+    cbs = L(cbs)
+    if not any(isinstance(c, TaskWeightRecorder) for c in cbs): cbs = [TaskWeightRecorder()] + cbs  # one recorder: two would log every epoch twice
     if reversal_schedule and any(t.adversarial for t in tasks): cbs.append(GradientReversalSchedule())
     if isinstance(loss.weighting, GradNormWeighting): cbs.append(GradNorm())
     return MTLLearner(dls, model, loss_func=loss, metrics=task_metrics(tasks) if metrics is True else metrics or [],
