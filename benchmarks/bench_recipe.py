@@ -20,15 +20,15 @@ process plus its finished children, so fastai's loader workers count; less distu
 machine). `--workers N` times the recipe with fastai's N loader workers too. The `--rounds` alternate which runs first; medians over rounds are printed, the ratio being the median of
 the rounds' ratios.
 
-    python benchmarks/bench_recipe.py [--size 64] [--epochs 5] [--rounds 3] [--data DIR|synthetic]
+    python benchmarks/bench_recipe.py [--size 64] [--epochs 5] [--rounds 3] [--workers N] [--data DIR|synthetic]
 
 The last line of each block scales the ratio to each recipe's full length (the library's `RECIPE` epochs against the
 loop's 25): both spend about the same per epoch whatever the epoch count (the library's validation every 5 epochs
 averaged in, for a multiple of 5 epochs), so the measured ratio carries over.
 
-Output of one run with `--rounds 2 --workers 2`, before `num_workers=0` became `train_model`'s default (so the
-library's rows are the old default, fastai's two loader workers, and `w0` the new one; 2 cores shared with one
-training at `nice 10`):
+Measured before `num_workers=0` became `train_model`'s default, with this script's functions in one process: the old
+default (fastai's two loader workers), the new one (`w0`) and the plain loop side by side, `--rounds 2`, 5 epochs at
+64 px (2 cores shared with one training at `nice 10`); condensed by hand, per round:
 
     segmentation_WBC Dataset 1: 241 train / 59 test images, 64 px, 5 epochs each, 2 round(s)
     wall-clock, seconds (rounds): library with 2 workers 75.0, 85.6   library w0 68.1, 72.1   plain 64.0, 74.4

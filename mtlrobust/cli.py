@@ -70,8 +70,7 @@ def mtlrobust_train(
     out:str=None, # output folder (must be new or empty)
 ):
     "Train a multi-task model; save it (safe format and fastai pickle), the split and metrics.json in a new folder"
-    check_training_options(size, bs, epochs, lr, valid_pct, test_pct, arch, weighting, stain_norm, hed_jitter, validate_every)
-    if workers < 0: raise ValueError(f"--workers {workers}: give 0 (images read in the training process) or more loader processes")
+    check_training_options(size, bs, epochs, lr, valid_pct, test_pct, arch, weighting, stain_norm, hed_jitter, validate_every, workers)
     if num_distrib() > 1: process_batch_size(bs, num_distrib())  # --bs must divide among the processes
     folder = output_folder(out, 'train')
     writes = not rank_distrib()  # in a launch of several processes, rank 0 alone evaluates, writes and reports

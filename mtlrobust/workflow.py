@@ -165,6 +165,7 @@ def check_training_options(
     stain:str=None, # stain normalisation (--stain-norm): None or a name of `STAIN_NORMALIZERS`
     hed_jitter:float=0., # range of the HED stain augmentation (--hed-jitter)
     validate_every:int=1, # epochs between validation passes (--validate-every)
+    num_workers:int=0, # image loader processes (--workers)
 ):
     "Refuse out-of-range training options with a `ValueError` naming the option and the range expected"
     if size < 1: raise ValueError(f"--size {size}: an image side must be at least 1 pixel")
@@ -182,6 +183,7 @@ def check_training_options(
     if stain is not None: stain_normalizer(stain, '--stain-norm')
     check_hed_range(hed_jitter, f'--hed-jitter {hed_jitter}')
     if validate_every < 1: raise ValueError(f"--validate-every {validate_every}: validate at least every 1 epoch (the last epoch is always validated)")
+    if num_workers < 0: raise ValueError(f"--workers {num_workers}: give 0 (images read in the training process) or more loader processes")
 
 # %% ../nbs/14_workflow.ipynb #c1e0a004
 def check_training_rows(
@@ -302,7 +304,7 @@ def train_model(
     **kwargs, # passed to `mtl_learner` (and `grey=True` to the model)
 ):
     "A multi-task learner trained with one-cycle on the table's train rows (on every process of a launch), once the options, rows and memory are checked"
-    check_training_options(size, bs, epochs, lr, arch=arch, weighting=weighting, stain=stain, validate_every=validate_every)
+    check_training_options(size, bs, epochs, lr, arch=arch, weighting=weighting, stain=stain, validate_every=validate_every, num_workers=num_workers)
     specs = L(task_spec(table, t) for t in tasks)
     check_training_rows(table, specs, bs)
     item_tfms = [fit_stain(table, stain, size=size, seed=seed)] if stain else None
