@@ -148,3 +148,14 @@ def test_hpat_paired_tests_have_consistent_intervals():
         d = _table(name)
         assert (d.low <= d.effect + 1e-9).all() and (d.effect <= d.high + 1e-9).all(), name
         assert (d.p <= d.p_holm + 1e-12).all() and d.p_holm.le(1).all(), name
+
+def test_hpat_clean_setting_matches_the_stored_test_accuracy():
+    h = _table('35_hpat_leukemia_hybrid.csv').query("setting == 'H0'").set_index(['config', 'seed']).acc
+    r = _table('35_hpat_leukemia_results.csv').query("eval_set == 'test' and metric == 'label_acc'").set_index(['config', 'seed']).value
+    fct.test_eq(len(h), 27)
+    np.testing.assert_allclose(h.sort_index(), r.loc[h.index].sort_index())  # H0 is the clean test set, evaluated anew
+
+def test_hpat_roi_grid_crosses_budgets_and_rotations():
+    d = _table('35_hpat_leukemia_roi_grid.csv')
+    fct.test_eq(d.groupby(['config', 'seed']).size().unique(), [16])  # 4 pixel budgets x 4 rotation ranges per run
+    assert d.query('eps == 0 and rotation == 0').roi.eq(1).all() and d.roi.between(0, 1).all()
