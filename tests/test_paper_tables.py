@@ -159,3 +159,18 @@ def test_hpat_roi_grid_crosses_budgets_and_rotations():
     d = _table('35_hpat_leukemia_roi_grid.csv')
     fct.test_eq(d.groupby(['config', 'seed']).size().unique(), [16])  # 4 pixel budgets x 4 rotation ranges per run
     assert d.query('eps == 0 and rotation == 0').roi.eq(1).all() and d.roi.between(0, 1).all()
+
+def test_ghamizi_comparisons_have_consistent_intervals_and_verdicts():
+    for name in ('34_ghamizi_rq1.csv', '34_ghamizi_rq3_effects.csv'):
+        d = _table(name)
+        assert (d.low <= d.effect + 1e-9).all() and (d.effect <= d.high + 1e-9).all(), name
+        assert (d.p <= d.p_holm + 1e-12).all() and d.p_holm.le(1).all(), name
+        sig = d.p_holm < 0.05  # a direction is read only where Holm calls the difference, and follows the effect's sign
+        fct.test_eq(d.verdict[sig].to_numpy(), np.where(d.effect[sig] < 0, 'lower', 'higher'))
+        assert d.verdict[~sig].eq('no detectable difference').all(), name
+
+def test_ghamizi_runs_cover_settings_and_seeds():
+    d = _table('34_ghamizi_results.csv')
+    _check_tidy(d, '34_ghamizi_results.csv')
+    fct.test_eq(d.config.nunique(), 30)
+    assert d.groupby('config').seed.nunique().eq(3).all()
