@@ -21,6 +21,11 @@ def _check_tidy(d, name, undefined=None):
     keys = [c for c in ('config', 'split', 'seed', 'eval_set', 'metric', 'grid') if c in d]
     assert not d.duplicated(keys).any(), f"{name}: repeated rows for {keys}"
 
+def _check_comparisons(d, name, effect='effect'):
+    "A comparison table: each interval contains its effect, and Holm's adjustment never lowers a p-value nor passes 1"
+    assert (d.low <= d[effect] + 1e-9).all() and (d[effect] <= d.high + 1e-9).all(), name
+    assert (d.p <= d.p_holm + 1e-12).all() and d.p_holm.le(1).all(), name
+
 @pytest.mark.parametrize('name', ['16_experiments_recipe.csv', '16_experiments_recipe_128.csv'])
 def test_engine_results_are_tidy(name):
     d = _table(name)
@@ -61,8 +66,7 @@ def test_proposal_levers_hold_out_each_source():
 def test_proposal_comparisons_have_consistent_intervals():
     d = _table('31_wbc_proposal_colour.csv')
     fct.test_eq(d[['difference', 'low', 'high', 'p', 'p_holm']].isna().sum().sum(), 0)
-    assert (d.low <= d.difference + 1e-9).all() and (d.difference <= d.high + 1e-9).all()
-    assert (d.p <= d.p_holm + 1e-12).all() and d.p_holm.le(1).all()
+    _check_comparisons(d, '31_wbc_proposal_colour.csv', effect='difference')
     assert d[['unet', 'multi_task']].stack().between(0, 1).all()
 
 def test_proposal_attacks_degrade_from_clean():
@@ -93,8 +97,7 @@ def test_guided_results_cover_the_ablation():
 def test_guided_comparisons_have_consistent_intervals():
     for name in ('32_guided_mtl_vs_baseline.csv', '32_guided_mtl_weighting.csv'):
         d = _table(name)
-        assert (d.low <= d.effect + 1e-9).all() and (d.effect <= d.high + 1e-9).all(), name
-        assert (d.p <= d.p_holm + 1e-12).all() and d.p_holm.le(1).all(), name
+        _check_comparisons(d, name)
         fct.test_eq(set(d.score), {'label_correct', 'label_p_true'})
 
 def test_guided_probes_cover_models_layers_and_concepts():
@@ -116,8 +119,7 @@ def test_multidataset_cv_covers_methods_backbones_and_folds():
 
 def test_multidataset_comparisons_pair_folds_and_backbones():
     d = _table('33_multidataset_joint_vs.csv')
-    assert (d.low <= d.effect + 1e-9).all() and (d.effect <= d.high + 1e-9).all()
-    assert (d.p <= d.p_holm + 1e-12).all() and d.p_holm.le(1).all()
+    _check_comparisons(d, '33_multidataset_joint_vs.csv')
     assert d.n.le(18).all() and d.n.ge(3).all()  # pairs over 3 folds x 6 backbones at most
 
 def test_ghamizi_rank_correlations_are_bounded():
@@ -146,8 +148,7 @@ def test_hpat_search_comparison_counts_evaluations():
 def test_hpat_paired_tests_have_consistent_intervals():
     for name in ('35_hpat_leukemia_hybrid_tests.csv', '35_hpat_leukemia_mixbn_tests.csv', '35_hpat_leukemia_search_tests.csv'):
         d = _table(name)
-        assert (d.low <= d.effect + 1e-9).all() and (d.effect <= d.high + 1e-9).all(), name
-        assert (d.p <= d.p_holm + 1e-12).all() and d.p_holm.le(1).all(), name
+        _check_comparisons(d, name)
 
 def test_hpat_clean_setting_matches_the_stored_test_accuracy():
     h = _table('35_hpat_leukemia_hybrid.csv').query("setting == 'H0'").set_index(['config', 'seed']).acc
@@ -163,8 +164,7 @@ def test_hpat_roi_grid_crosses_budgets_and_rotations():
 def test_ghamizi_comparisons_have_consistent_intervals_and_verdicts():
     for name in ('34_ghamizi_rq1.csv', '34_ghamizi_rq3_effects.csv'):
         d = _table(name)
-        assert (d.low <= d.effect + 1e-9).all() and (d.effect <= d.high + 1e-9).all(), name
-        assert (d.p <= d.p_holm + 1e-12).all() and d.p_holm.le(1).all(), name
+        _check_comparisons(d, name)
         sig = d.p_holm < 0.05  # a direction is read only where Holm calls the difference, and follows the effect's sign
         fct.test_eq(d.verdict[sig].to_numpy(), np.where(d.effect[sig] < 0, 'lower', 'higher'))
         assert d.verdict[~sig].eq('no detectable difference').all(), name
