@@ -26,24 +26,31 @@ def _check_comparisons(d, name, effect='effect'):
     assert (d.low <= d[effect] + 1e-9).all() and (d[effect] <= d.high + 1e-9).all(), name
     assert (d.p <= d.p_holm + 1e-12).all() and d.p_holm.le(1).all(), name
 
-@pytest.mark.parametrize('name', ['16_experiments_recipe.csv', '16_experiments_recipe_128.csv'])
+@pytest.mark.parametrize('name', ['16_experiments_recipe.csv', '16_experiments_recipe_128.csv', '16_experiments_recipe_128_rerun.csv'])
 def test_engine_results_are_tidy(name):
     d = _table(name)
     _check_tidy(d, name)
     assert d.groupby('config').seed.nunique().ge(1).all()
 
-def test_engine_128px_results_have_three_seeds_per_config():
-    d = _table('16_experiments_recipe_128.csv')
+@pytest.mark.parametrize('name', ['16_experiments_recipe_128.csv', '16_experiments_recipe_128_rerun.csv'])
+def test_engine_128px_results_have_three_seeds_per_config(name):
+    d = _table(name)
     fct.test_eq(set(d.groupby('config').seed.nunique()), {3})
     assert d.n.between(55, 65).all()  # one stratified 20 % of Dataset 1's 300 cells per seed
 
-@pytest.mark.parametrize('name', ['16_experiments_recipe_cells.csv', '16_experiments_recipe_128_cells.csv'])
+@pytest.mark.parametrize('name', ['16_experiments_recipe_cells.csv', '16_experiments_recipe_128_cells.csv', '16_experiments_recipe_128_rerun_cells.csv'])
 def test_engine_cells_match_their_labels(name):
     d = _table(name)
     right = (d.label_true == d.label_pred).astype(float)
     fct.test_eq(right.to_numpy(), d.label_correct.to_numpy())
     assert d[['mask_dice_nucleus', 'mask_dice_cytoplasm']].stack().between(0, 1).all()
     assert not d.duplicated(['config', 'split', 'seed', 'image']).any()
+
+def test_engine_128px_rerun_tests_the_loops_cells():
+    "The rerun's configurations are tested on the plain loop's cells, seed by seed (the comparisons pair them)"
+    loop = _table('16_experiments_recipe_128_cells.csv').query("config == 'plain loop'")
+    for config, g in _table('16_experiments_recipe_128_rerun_cells.csv').groupby('config'):
+        fct.test_eq(sorted(zip(g.seed, g.image)), sorted(zip(loop.seed, loop.image)))
 
 def test_proposal_results_cover_every_model_and_source():
     d = _table('31_wbc_proposal_results.csv')
