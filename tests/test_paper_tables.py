@@ -52,6 +52,15 @@ def test_engine_128px_rerun_tests_the_loops_cells():
     for config, g in _table('16_experiments_recipe_128_rerun_cells.csv').groupby('config'):
         fct.test_eq(sorted(zip(g.seed, g.image)), sorted(zip(loop.seed, loop.image)))
 
+def test_engine_128px_unseen_sources_cover_the_reruns():
+    d = _table('16_experiments_recipe_128_unseen.csv')
+    _check_tidy(d, '16_experiments_recipe_128_unseen.csv')
+    fct.test_eq(set(d.eval_set), {'Dataset 2', 'PBC'})
+    reruns = set(_table('16_experiments_recipe_128_rerun.csv').config)
+    fct.test_eq(set(d.config), reruns)
+    assert d.groupby(['config', 'eval_set']).seed.nunique().eq(3).all()
+    assert not d.query("eval_set == 'PBC'").metric.str.startswith('mask').any()  # PBC has no masks
+
 def test_proposal_results_cover_every_model_and_source():
     d = _table('31_wbc_proposal_results.csv')
     _check_tidy(d, '31_wbc_proposal_results.csv', undefined=lambda d: d.metric.str.startswith('mask_') & (d.eval_set == 'PBC'))  # PBC has no masks
