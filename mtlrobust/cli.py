@@ -17,7 +17,7 @@ from fastcore.all import *
 from fastcore.script import anno_parser
 from fastai.torch_core import num_distrib, rank_distrib
 from .export import save_model, load_model
-from .data import save_manifest, SPLITS, mtl_augmentations, HEDJitter
+from .data import save_manifest, SPLITS, mtl_augmentations, HEDJitter, QUARTER_TURNS
 from .attacks import NORMS
 from .callback.adversarial import check_bn_branch, bn_branch
 from .robustness import ATTACKS, robustness_report, plot_robustness
@@ -62,6 +62,8 @@ def mtlrobust_train(
     pretrained:bool=False, # start from timm's pretrained weights
     stain_norm:str=None, # normalise every image's stain to the training images': reinhard or macenko (kept in the saved model)
     hed_jitter:float=0., # add HED stain augmentation of this range (Tellez et al.: 0.05 light, 0.2 strong); 0: none
+    max_rotate:float=QUARTER_TURNS['max_rotate'], # rotate by up to this angle beyond the quarter turns and flips (180: any angle)
+    max_zoom:float=QUARTER_TURNS['max_zoom'], # zoom in by up to this factor (1: none; 1.1 with --max-rotate 180: the default of version 0.1.0)
     grey:bool=False, # grey-level input: the model cannot use colour
     validate_every:int=5, # validate (the valid rows, else the test rows) every this many epochs and after the last
     workers:int=0, # image loader processes: 0 reads them in the training process; more for thousands of full-size images
@@ -70,7 +72,7 @@ def mtlrobust_train(
     out:str=None, # output folder (must be new or empty)
 ):
     "Train a multi-task model; save it (safe format and fastai pickle), the split and metrics.json in a new folder"
-    check_training_options(size, bs, epochs, lr, valid_pct, test_pct, arch, weighting, stain_norm, hed_jitter, validate_every, workers)
+    check_training_options(size, bs, epochs, lr, valid_pct, test_pct, arch, weighting, stain_norm, hed_jitter, validate_every, workers, max_rotate, max_zoom)
     if num_distrib() > 1: process_batch_size(bs, num_distrib())  # --bs must divide among the processes
     folder = output_folder(out, 'train')
     writes = not rank_distrib()  # in a launch of several processes, rank 0 alone evaluates, writes and reports
@@ -83,7 +85,7 @@ def mtlrobust_train(
         table, task_list = parse_tasks(table, tasks, adversarial, seed)
         check_training_rows(table, task_list, bs)
         start = time.time()
-        aug = mtl_augmentations() + [HEDJitter(hed_jitter, hed_jitter)] if hed_jitter else True
+        aug = mtl_augmentations(max_rotate=max_rotate, max_zoom=max_zoom) + ([HEDJitter(hed_jitter, hed_jitter)] if hed_jitter else [])
         learn = train_model(table, task_list, arch, size, bs, epochs, lr, weighting, seed, pretrained, aug=aug, stain=stain_norm,
                             validate_every=validate_every, num_workers=workers, **({'grey': True} if grey else {}))
         if not writes: return None
@@ -91,7 +93,7 @@ def mtlrobust_train(
         metrics = evaluate_table(learn, test := table[table.split == 'test'])
         report = dict(data=str(data), tasks=tasks, adversarial=adversarial, processes=max(num_distrib(), 1),
                       arch=arch, size=size, bs=bs, epochs=epochs, lr=lr, weighting=weighting, seed=seed,
-                      stain_norm=stain_norm, hed_jitter=hed_jitter, grey=grey, validate_every=validate_every, workers=workers,
+                      stain_norm=stain_norm, hed_jitter=hed_jitter, max_rotate=max_rotate, max_zoom=max_zoom, grey=grey, validate_every=validate_every, workers=workers,
                       n_train=int((table.split == 'train').sum()), n_test=int((table.split == 'test').sum()),
                       train_seconds=round(time.time()-start, 1), test_metrics=metrics,
                       ood=dict(layer=ood.layer, quantile=ood.quantile, **_ood_report(learn, test)))

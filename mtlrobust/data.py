@@ -20,13 +20,13 @@ from .core import *
 from .tasks import *
 
 # %% auto #0
-__all__ = ['BAD_FILES', 'UNKNOWN_CLASSES', 'SEGWBC_LABELS', 'IMAGE_EXTS', 'SPLITS', 'STAIN_NORMALIZERS', 'image_problem',
-           'readable_image', 'check_files', 'check_class_names', 'load_segmentation_wbc', 'combine', 'load_pbc',
-           'load_manifest', 'save_manifest', 'per_class_sample', 'duplicate_groups', 'split_stratified', 'kfold_splits',
-           'leave_one_domain_out', 'mtl_augmentations', 'light_augmentations', 'mtl_dataloaders',
-           'dominant_channel_agreement', 'rgb_to_hed', 'hed_to_rgb', 'check_hed_range', 'HEDJitter', 'RandomBlur',
-           'StainNormalize', 'ReinhardNormalize', 'MacenkoNormalize', 'stain_normalizer', 'stain_from_record',
-           'fit_stain']
+__all__ = ['BAD_FILES', 'UNKNOWN_CLASSES', 'SEGWBC_LABELS', 'IMAGE_EXTS', 'SPLITS', 'QUARTER_TURNS', 'FREE_ROTATION_ZOOM',
+           'STAIN_NORMALIZERS', 'image_problem', 'readable_image', 'check_files', 'check_class_names',
+           'load_segmentation_wbc', 'combine', 'load_pbc', 'load_manifest', 'save_manifest', 'per_class_sample',
+           'duplicate_groups', 'split_stratified', 'kfold_splits', 'leave_one_domain_out', 'mtl_augmentations',
+           'light_augmentations', 'mtl_dataloaders', 'dominant_channel_agreement', 'rgb_to_hed', 'hed_to_rgb',
+           'check_hed_range', 'HEDJitter', 'RandomBlur', 'StainNormalize', 'ReinhardNormalize', 'MacenkoNormalize',
+           'stain_normalizer', 'stain_from_record', 'fit_stain']
 
 # %% ../nbs/04_data.ipynb #3f2a6c81
 def _image_check(path)->tuple:
@@ -377,9 +377,12 @@ def leave_one_domain_out(
     return res
 
 # %% ../nbs/04_data.ipynb #d7df7cc6
+QUARTER_TURNS = dict(max_rotate=0., max_zoom=1.) # the default spatial augmentation: the eight quarter turns and flips, nothing else
+FREE_ROTATION_ZOOM = dict(max_rotate=180., max_zoom=1.1) # the default until version 0.1.0: also any angle and a zoom in of up to 1.1
+
 def mtl_augmentations(
-    max_rotate:float=180., # cells have no up: any rotation is plausible
-    max_zoom:float=1.1, # random zoom in up to this factor
+    max_rotate:float=QUARTER_TURNS['max_rotate'], # rotation by up to this angle on top of the quarter turns (reflection-padded)
+    max_zoom:float=QUARTER_TURNS['max_zoom'], # random zoom in up to this factor
     min_zoom:float=1., # random zoom out down to this factor (below 1: cells of another scale, reflection-padded)
     max_lighting:float=0.2, # brightness and contrast change
     max_hue:float=0.05, # hue shift (stain variation)

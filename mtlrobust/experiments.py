@@ -6,7 +6,7 @@ Docs: https://mtlrobust.github.io/mtlrobust/experiments.html.md"""
 
 # %% ../nbs/16_experiments.ipynb #e0000004
 from __future__ import annotations
-import dataclasses, hashlib, json, os, shutil, warnings
+import dataclasses, functools, hashlib, json, os, shutil, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,10 +16,11 @@ from torch import Tensor
 from scipy import stats
 from fastcore.all import *
 from fastai.callback.core import Callback
+from fastai.data.transforms import Transform
 from fastprogress.fastprogress import progress_bar
 from .core import *
 from .tasks import Task, task_metrics
-from .data import SPLITS, split_stratified, kfold_splits, leave_one_domain_out, mtl_dataloaders
+from .data import SPLITS, split_stratified, kfold_splits, leave_one_domain_out, mtl_dataloaders, mtl_augmentations, FREE_ROTATION_ZOOM, _augmentations
 from .metrics import bootstrap_interval
 from .weighting import MultiTaskLoss
 from .learner import MTLLearner
@@ -27,11 +28,11 @@ from .workflow import parse_tasks, train_model, split_for_training, RECIPE
 from .export import save_model, load_model
 
 # %% auto #0
-__all__ = ['Config', 'as_config', 'config_settings', 'table_fingerprint', 'SplitPlan', 'FixedSplit', 'SeededSplit', 'KFold',
-           'LeaveOneDomainOut', 'PartlyLabelled', 'nested_fraction', 'TrainingFractions', 'evaluate_samples',
-           'model_learner', 'config_tasks', 'train_run', 'RunFolder', 'plan_runs', 'run_grid', 'load_samples',
-           'mean_interval', 'summarise', 'paired_bootstrap', 'mcnemar_exact', 'wilcoxon_p', 'holm', 'with_holm',
-           'compare', 'compare_samples', 'format_summary', 'plot_fractions', 'plot_results']
+__all__ = ['Config', 'as_config', 'config_settings', 'run_settings', 'table_fingerprint', 'SplitPlan', 'FixedSplit',
+           'SeededSplit', 'KFold', 'LeaveOneDomainOut', 'PartlyLabelled', 'nested_fraction', 'TrainingFractions',
+           'evaluate_samples', 'model_learner', 'config_tasks', 'train_run', 'RunFolder', 'plan_runs', 'run_grid',
+           'load_samples', 'mean_interval', 'summarise', 'paired_bootstrap', 'mcnemar_exact', 'wilcoxon_p', 'holm',
+           'with_holm', 'compare', 'compare_samples', 'format_summary', 'plot_fractions', 'plot_results']
 
 # %% ../nbs/16_experiments.ipynb #e0000008
 @dataclass
@@ -69,18 +70,35 @@ def _plain_setting(o):
     "JSON-friendly form of a setting value"
     if isinstance(o, Task): return {'kind': o.kind, **{f.name: _plain_setting(getattr(o, f.name)) for f in dataclasses.fields(o)}}
     # a fastai callback's repr is its class name alone: its attributes must be recorded, or a changed budget would reuse a cached run
-    if isinstance(o, Callback): return {'callback': f'{type(o).__module__}.{type(o).__qualname__}',
-                                        **{k: _plain_setting(v) for k, v in vars(o).items() if not k.startswith('_') and k != 'learn'}}
+    if isinstance(o, Callback): return _attribute_setting(o, 'callback')
+    if isinstance(o, Transform): return _attribute_setting(o, 'transform')
+    if isinstance(o, functools.partial): return {'partial': _plain_setting(o.func), 'args': _plain_setting(o.args), **_plain_setting(o.keywords)}
     if callable(o) and hasattr(o, '__qualname__'): return f"{getattr(o, '__module__', '')}.{o.__qualname__}"
     if isinstance(o, dict): return {str(k): _plain_setting(v) for k, v in o.items()}
     if isinstance(o, (list, tuple, L)): return [_plain_setting(v) for v in o]
-    if o is None or isinstance(o, (bool, int, float, str)): return o
     if isinstance(o, np.generic): return o.item()
+    if o is None or isinstance(o, (bool, int, float, str)): return o
+    if type(o).__repr__ is object.__repr__ and hasattr(o, '__dict__'): return _attribute_setting(o, 'object')  # a memory address says nothing
     return repr(o)
+
+def _attribute_setting(o, kind:str)->dict:
+    "An object as its class and public attributes"
+    return {kind: f'{type(o).__module__}.{type(o).__qualname__}', **{k: _plain_setting(v) for k, v in vars(o).items() if not k.startswith('_') and k != 'learn'}}
 
 def config_settings(c:Config)->dict:
     "The fields of `c` as plain JSON values"
     return {f.name: _plain_setting(getattr(c, f.name)) for f in dataclasses.fields(c)}
+
+def run_settings(
+    c:Config, # the run's configuration
+    split:str, # name of the split
+    seed:int, # seed of the run
+    data:str, # `table_fingerprint` of the run's rows
+)->dict:
+    "What identifies a run: its configuration, the augmentation `train_model` gets from it (resolved), split, seed and data"
+    config = config_settings(c)
+    config['options'] = {k: v for k, v in config['options'].items() if k != 'aug'}
+    return dict(config=config, augmentation=_plain_setting(_augmentations(c.options.get('aug', True))), split=split, seed=seed, data=data)
 
 def table_fingerprint(
     table:pd.DataFrame, # rows of a run or an evaluation set
@@ -223,13 +241,26 @@ def _write_atomic(path:Path, write):
         if tmp.exists(): tmp.unlink()
 
 def _changed(saved:dict, wanted:dict, prefix='')->list:
-    "Keys whose values differ between two settings dicts, with both values"
+    "Keys whose values differ between two settings dicts, with both values (lists of the same length item by item)"
     res = []
     for k in sorted(set(saved) | set(wanted)):
         a, b = saved.get(k, '<absent>'), wanted.get(k, '<absent>')
+        if isinstance(a, list) and isinstance(b, list) and len(a) == len(b): a, b = dict(enumerate(a)), dict(enumerate(b))
         if isinstance(a, dict) and isinstance(b, dict): res += _changed(a, b, f'{prefix}{k}.')
         elif a != b: res.append(f'{prefix}{k}: saved {a!r}, requested {b!r}')
     return res
+
+def _upgraded(saved:dict, requested:dict, aug)->dict:
+    "Settings saved by version 0.1.0, which did not record the augmentation, in today's form"
+    if 'augmentation' in saved: return saved
+    options = saved['config'].get('options', {})
+    old = options.get('aug', True)
+    if old is True: old = _plain_setting(mtl_augmentations(**FREE_ROTATION_ZOOM))  # the default of that version
+    elif old is False or old is None: old = []
+    # that version wrote a list of transforms as their reprs: all that can be compared with the requested list
+    elif old == [repr(t) for t in _augmentations(aug)]: old = requested['augmentation']
+    config = {**saved['config'], 'options': {k: v for k, v in options.items() if k != 'aug'}}
+    return {**saved, 'config': config, 'augmentation': old}
 
 # %% ../nbs/16_experiments.ipynb #e0000019
 class RunFolder:
@@ -237,10 +268,10 @@ class RunFolder:
     def __init__(self, path, settings:dict): self.path, self.settings = Path(path), settings
     @property
     def trained(self)->bool: return (self.path/'settings.json').exists()
-    def check(self):
-        "Raise if the folder holds a run with other settings"
+    def check(self, aug=True):
+        "Raise if the folder holds a run with other settings (`aug`: the requested augmentation, to read older settings)"
         if not self.trained: return
-        saved = json.loads((self.path/'settings.json').read_text())
+        saved = _upgraded(json.loads((self.path/'settings.json').read_text()), self.settings, aug)
         if diff := _changed(saved, self.settings):
             raise ValueError(f"{self.path} holds a run with other settings ({'; '.join(diff)}); use another folder or configuration name, or move it away")
     def done(self, name:str, fingerprint:str)->bool:
@@ -314,9 +345,8 @@ def plan_runs(
             run_table = table.assign(split=split)[split.notna().to_numpy()].reset_index(drop=True)
             for c in configs:
                 if c.name not in checked: _check_eval_sets(evals, _task_columns(run_table, c)); checked.add(c.name)
-                settings = dict(config=config_settings(c), split=name, seed=seed, data=table_fingerprint(run_table))
-                rf = RunFolder(Path(folder)/c.name/name/f'seed{seed}', settings)
-                rf.check()
+                rf = RunFolder(Path(folder)/c.name/name/f'seed{seed}', run_settings(c, name, seed, table_fingerprint(run_table)))
+                rf.check(c.options.get('aug', True))
                 runs.append((c, name, seed, extra, run_table, rf))
     return runs
 

@@ -166,6 +166,8 @@ def check_training_options(
     hed_jitter:float=0., # range of the HED stain augmentation (--hed-jitter)
     validate_every:int=1, # epochs between validation passes (--validate-every)
     num_workers:int=0, # image loader processes (--workers)
+    max_rotate:float=QUARTER_TURNS['max_rotate'], # rotation of the augmentation beyond the quarter turns, in degrees (--max-rotate)
+    max_zoom:float=QUARTER_TURNS['max_zoom'], # largest zoom in of the augmentation (--max-zoom)
 ):
     "Refuse out-of-range training options with a `ValueError` naming the option and the range expected"
     if size < 1: raise ValueError(f"--size {size}: an image side must be at least 1 pixel")
@@ -184,6 +186,8 @@ def check_training_options(
     check_hed_range(hed_jitter, f'--hed-jitter {hed_jitter}')
     if validate_every < 1: raise ValueError(f"--validate-every {validate_every}: validate at least every 1 epoch (the last epoch is always validated)")
     if num_workers < 0: raise ValueError(f"--workers {num_workers}: give 0 (images read in the training process) or more loader processes")
+    if not 0 <= max_rotate <= 180: raise ValueError(f"--max-rotate {max_rotate}: expected an angle from 0 (quarter turns only) to 180 degrees")
+    if max_zoom < 1: raise ValueError(f"--max-zoom {max_zoom}: expected a zoom in of at least 1 (1: no zoom)")
 
 # %% ../nbs/14_workflow.ipynb #c1e0a004
 def check_training_rows(

@@ -61,6 +61,21 @@ def test_engine_128px_unseen_sources_cover_the_reruns():
     assert d.groupby(['config', 'eval_set']).seed.nunique().eq(3).all()
     assert not d.query("eval_set == 'PBC'").metric.str.startswith('mask').any()  # PBC has no masks
 
+def test_engine_128px_unseen_cells_add_up_to_the_tidy_table():
+    "Every rerun is scored on the same 100 Dataset 2 and 600 PBC cells, and its per-cell scores give the stored accuracy"
+    cells, tidy = _table('16_experiments_recipe_128_unseen_cells.csv'), _table('16_experiments_recipe_128_unseen.csv')
+    fct.test_eq((cells.label_true == cells.label_pred).astype(float).to_numpy(), cells.label_correct.to_numpy())
+    assert not cells.duplicated(['config', 'eval_set', 'seed', 'image']).any()
+    for eval_set, n in (('Dataset 2', 100), ('PBC', 600)):
+        e = cells.query('eval_set == @eval_set')
+        fct.test_eq(set(e.groupby(['config', 'seed']).image.apply(frozenset)), {frozenset(e.image)})  # the same cells for every run
+        fct.test_eq(e.image.nunique(), n)
+    assert cells.query("eval_set == 'PBC'")[['mask_dice_nucleus', 'mask_dice_cytoplasm']].isna().all().all()
+    assert cells.query("eval_set == 'Dataset 2'")[['mask_dice_nucleus', 'mask_dice_cytoplasm']].apply(lambda c: c.between(0, 1)).all().all()
+    acc = cells.groupby(['config', 'eval_set', 'seed']).label_correct.mean()
+    stored = tidy.query("metric == 'label_acc'").set_index(['config', 'eval_set', 'seed']).value
+    np.testing.assert_allclose(acc.sort_index().to_numpy(), stored.sort_index().to_numpy(), atol=1e-4)
+
 def test_proposal_results_cover_every_model_and_source():
     d = _table('31_wbc_proposal_results.csv')
     _check_tidy(d, '31_wbc_proposal_results.csv', undefined=lambda d: d.metric.str.startswith('mask_') & (d.eval_set == 'PBC'))  # PBC has no masks
