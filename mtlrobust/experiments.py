@@ -6,7 +6,7 @@ Docs: https://mtlrobust.github.io/mtlrobust/experiments.html.md"""
 
 # %% ../nbs/16_experiments.ipynb #e0000004
 from __future__ import annotations
-import dataclasses, functools, hashlib, json, os, shutil, warnings
+import dataclasses, functools, hashlib, inspect, json, os, shutil, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -71,19 +71,24 @@ def _plain_setting(o):
     if isinstance(o, Task): return {'kind': o.kind, **{f.name: _plain_setting(getattr(o, f.name)) for f in dataclasses.fields(o)}}
     # a fastai callback's repr is its class name alone: its attributes must be recorded, or a changed budget would reuse a cached run
     if isinstance(o, Callback): return _attribute_setting(o, 'callback')
-    if isinstance(o, Transform): return _attribute_setting(o, 'transform')
+    if isinstance(o, Transform): return _attribute_setting(o, 'transform', _init_names(type(o), Transform))  # fastai sets `split_idx` in use
     if isinstance(o, functools.partial): return {'partial': _plain_setting(o.func), 'args': _plain_setting(o.args), **_plain_setting(o.keywords)}
     if callable(o) and hasattr(o, '__qualname__'): return f"{getattr(o, '__module__', '')}.{o.__qualname__}"
     if isinstance(o, dict): return {str(k): _plain_setting(v) for k, v in o.items()}
     if isinstance(o, (list, tuple, L)): return [_plain_setting(v) for v in o]
     if isinstance(o, np.generic): return o.item()
     if o is None or isinstance(o, (bool, int, float, str)): return o
-    if type(o).__repr__ is object.__repr__ and hasattr(o, '__dict__'): return _attribute_setting(o, 'object')  # a memory address says nothing
+    if type(o).__repr__ is object.__repr__ and hasattr(o, '__dict__'): return _attribute_setting(o, 'object', _init_names(type(o)))  # a memory address says nothing
     return repr(o)
 
-def _attribute_setting(o, kind:str)->dict:
-    "An object as its class and public attributes"
-    return {kind: f'{type(o).__module__}.{type(o).__qualname__}', **{k: _plain_setting(v) for k, v in vars(o).items() if not k.startswith('_') and k != 'learn'}}
+def _init_names(cls, base=object)->set:
+    "Parameter names of the constructors of `cls` and its bases below `base`: what an object is made from, not the state it gathers in use"
+    return {n for c in cls.__mro__ if '__init__' in vars(c) and not issubclass(base, c) for n in inspect.signature(vars(c)['__init__']).parameters}
+
+def _attribute_setting(o, kind:str, names=None)->dict:
+    "An object as its class and public attributes (those in `names`, if given)"
+    return {kind: f'{type(o).__module__}.{type(o).__qualname__}',
+            **{k: _plain_setting(v) for k, v in vars(o).items() if not k.startswith('_') and k != 'learn' and (names is None or k in names)}}
 
 def config_settings(c:Config)->dict:
     "The fields of `c` as plain JSON values"
