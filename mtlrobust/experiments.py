@@ -83,12 +83,21 @@ def _plain_setting(o):
 
 def _init_names(cls, base=object)->set:
     "Parameter names of the constructors of `cls` and its bases below `base`: what an object is made from, not the state it gathers in use"
-    return {n for c in cls.__mro__ if '__init__' in vars(c) and not issubclass(base, c) for n in inspect.signature(vars(c)['__init__']).parameters}
+    return {n for c in cls.__mro__ if '__init__' in vars(c) and not issubclass(base, c) for n in _parameter_names(vars(c)['__init__'])}
+
+def _parameter_names(f)->list:
+    "Parameter names of `f`; none for a function of C code that hides its signature"
+    try: return list(inspect.signature(f).parameters)
+    except (ValueError, TypeError): return []
 
 def _attribute_setting(o, kind:str, names=None)->dict:
     "An object as its class and public attributes (those in `names`, if given)"
     return {kind: f'{type(o).__module__}.{type(o).__qualname__}',
             **{k: _plain_setting(v) for k, v in vars(o).items() if not k.startswith('_') and k != 'learn' and (names is None or k in names)}}
+
+def _without_aug(options:dict)->dict:
+    "`options` less `aug`: the settings hold the augmentation resolved, under a key of its own"
+    return {k: v for k, v in options.items() if k != 'aug'}
 
 def config_settings(c:Config)->dict:
     "The fields of `c` as plain JSON values"
@@ -102,7 +111,7 @@ def run_settings(
 )->dict:
     "What identifies a run: its configuration, the augmentation `train_model` gets from it (resolved), split, seed and data"
     config = config_settings(c)
-    config['options'] = {k: v for k, v in config['options'].items() if k != 'aug'}
+    config['options'] = _without_aug(config['options'])
     return dict(config=config, augmentation=_plain_setting(_augmentations(c.options.get('aug', True))), split=split, seed=seed, data=data)
 
 def table_fingerprint(
@@ -264,7 +273,7 @@ def _upgraded(saved:dict, requested:dict, aug)->dict:
     elif old is False or old is None: old = []
     # that version wrote a list of transforms as their reprs: all that can be compared with the requested list
     elif old == [repr(t) for t in _augmentations(aug)]: old = requested['augmentation']
-    config = {**saved['config'], 'options': {k: v for k, v in options.items() if k != 'aug'}}
+    config = {**saved['config'], 'options': _without_aug(options)}
     return {**saved, 'config': config, 'augmentation': old}
 
 # %% ../nbs/16_experiments.ipynb #e0000019
