@@ -152,6 +152,20 @@ def test_multidataset_comparisons_pair_folds_and_backbones():
     _check_comparisons(d, '33_multidataset_joint_vs.csv')
     assert d.n.le(18).all() and d.n.ge(3).all()  # pairs over 3 folds x 6 backbones at most
 
+def test_multidataset_held_out_covers_each_source():
+    d = _table('33_multidataset_held_out.csv')
+    _check_tidy(d, '33_multidataset_held_out.csv', undefined=lambda d: d.metric.str.startswith('mask_') & (d.held_out == 'PBC'))  # PBC has no masks
+    fct.test_eq(set(d.held_out), {'Dataset 1', 'Dataset 2', 'PBC'}); fct.test_eq(d.backbone.nunique(), 6)
+    fct.test_eq(set(d.query("held_out != 'PBC'").method), {'single-task WBC', 'joint', 'transfer PBC to WBC'})
+    fct.test_eq(set(d.query("held_out == 'PBC'").method), {'single-task WBC', 'joint'})  # no PBC cell trains: no eight-class head
+    assert d.groupby(['held_out', 'method']).backbone.nunique().eq(6).all()
+
+@pytest.mark.parametrize('name, pairs', [('33_multidataset_held_out_vs.csv', 12), ('33_multidataset_held_out_pbc_vs.csv', 6)])
+def test_multidataset_held_out_comparisons_pair_backbones_and_arms(name, pairs):
+    d = _table(name)
+    _check_comparisons(d, name)
+    assert d.n.le(pairs).all()  # 6 backbones x the Dataset 1 and 2 arms; 6 backbones for held-out PBC
+
 def test_ghamizi_rank_correlations_are_bounded():
     d = _table('34_ghamizi_rq4.csv')
     fct.test_eq(set(d.correlation), {'Pearson', 'Spearman'})
